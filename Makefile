@@ -1,0 +1,23 @@
+# The two commands of the README. Both create or reuse .venv (tools/setup_env.sh is idempotent).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench-convert clean
+
+setup:
+	@bash tools/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/demo.py --out $(DEMO)
+
+bench-convert: setup
+	$(PY) tools/bench_convert.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache
