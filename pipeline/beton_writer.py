@@ -1,4 +1,4 @@
-"""Streaming FFCV (.beton) writer that stores already-encoded JPEG bytes as they are.
+"""FFCV (.beton) writer that stores already-encoded JPEG bytes as they are.
 
 Why not `ffcv.writer.DatasetWriter`: its `RGBImageField.encode` takes a pixel array, so every image is
 decoded and re-encoded with OpenCV (a second generation loss and most of the conversion time), its
@@ -13,7 +13,9 @@ with its stock `RGBImageField` decoders (mode 0 = 'jpg').
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
@@ -23,9 +25,12 @@ from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, Fiel
 from ffcv.utils import align_to_page
 from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE
 
-from .atomic import commit, partial_path, sha256_file
+from .atomic import atomic_open
 
 DEFAULT_PAGE_SIZE = 4 * MIN_PAGE_SIZE  # ffcv's DatasetWriter default (8 MiB)
+
+# IMAGE_MODES is a numba typed dict: every lookup goes through the JIT (~1 ms), so read it once.
+JPG_MODE = int(IMAGE_MODES["jpg"])
 
 FIELDS = {"image": RGBImageField(write_mode="jpg"), "label": IntField(), "index": IntField()}
 
@@ -40,85 +45,73 @@ def page_size_for(max_sample_bytes: int) -> int:
     return size
 
 
-class BetonWriter:
-    """`add(jpeg, width, height, label, index)` in sample-id order, then `close()`.
+def write_beton(path: str | Path, *, sizes: np.ndarray, widths: np.ndarray, heights: np.ndarray,
+                labels: np.ndarray, indices: np.ndarray, read_jpeg: Callable[[int], bytes],
+                page_size: int | None = None, progress=None) -> dict:
+    """Write a .beton in one sequential pass and return {"sha256", "bytes", "page_size"}.
 
-    The metadata table sits before the data region, so its size must be known: pass `num_samples`.
-    Sample ids are 0..num_samples-1 in call order; the `index` field holds the global index.
+    Sample id s (0..n-1) gets image bytes `read_jpeg(s)` (exactly `sizes[s]` long), label and index.
+    All sizes are known up front, so the page layout, the metadata table and the allocation table are
+    computed first and the file is written front to back, hashed as it goes: no seek, no re-read.
     """
+    n = len(sizes)
+    sizes = np.asarray(sizes, np.int64)
+    page_size = page_size or page_size_for(int(sizes.max(initial=0)))
+    if sizes.max(initial=0) > page_size:
+        raise ValueError(f"a {int(sizes.max())}-byte image exceeds the page size {page_size}")
+    handlers = list(FIELDS.values())
+    desc = np.zeros(len(FIELDS), dtype=FieldDescType)
+    type_ids = {v: k for k, v in TYPE_ID_HANDLER.items()}
+    for i, (name, field) in enumerate(FIELDS.items()):
+        desc[i]["type_id"] = type_ids[type(field)]
+        enc = np.frombuffer(name.encode("ascii"), dtype="<u1")
+        desc[i]["name"][:len(enc)] = enc
+        desc[i]["arguments"][:] = field.to_binary()[0]
+    metadata = np.zeros(n, dtype=get_metadata_type(handlers))
+    metadata_start = HeaderType.itemsize + desc.nbytes
+    data_start = align_to_page(metadata_start + metadata.nbytes, page_size)
 
-    def __init__(self, path: str | Path, num_samples: int, page_size: int = DEFAULT_PAGE_SIZE):
-        self.path = Path(path)
-        self.num_samples = num_samples
-        self.page_size = page_size
-        handlers = list(FIELDS.values())
-        self.metadata = np.zeros(num_samples, dtype=get_metadata_type(handlers))
-        desc = np.zeros(len(FIELDS), dtype=FieldDescType)
-        type_ids = {v: k for k, v in TYPE_ID_HANDLER.items()}
-        for i, (name, field) in enumerate(FIELDS.items()):
-            desc[i]["type_id"] = type_ids[type(field)]
-            enc = np.frombuffer(name.encode("ascii"), dtype="<u1")
-            desc[i]["name"][:len(enc)] = enc
-            desc[i]["arguments"][:] = field.to_binary()[0]
-        self.header = np.zeros(1, dtype=HeaderType)[0]
-        self.header["version"] = CURRENT_VERSION
-        self.header["num_fields"] = len(FIELDS)
-        self.header["page_size"] = page_size
-        self.header["num_samples"] = num_samples
-        self.metadata_start = HeaderType.itemsize + desc.nbytes
-        data_start = align_to_page(self.metadata_start + self.metadata.nbytes, page_size)
-        self._f = open(partial_path(self.path), "wb")
-        # Reserve header + descriptors + metadata, padded to the first page; rewritten at close().
-        self._f.write(self.header.tobytes() + desc.tobytes())
-        self._f.write(b"\0" * (data_start - self._f.tell()))
-        self._page_start = data_start
-        self._page = bytearray()
-        self._alloc = np.zeros(num_samples, dtype=ALLOC_TABLE_TYPE)
-        self._next = 0
+    # ffcv's allocation rule: fill the current page; a sample that does not fit starts a new one.
+    page_of = np.empty(n, np.int64)
+    ptr = np.empty(n, np.int64)
+    page, fill = 0, 0
+    for s_id, sz in enumerate(sizes.tolist()):
+        if fill + sz > page_size:
+            page, fill = page + 1, 0
+        page_of[s_id], ptr[s_id] = page, data_start + page * page_size + fill
+        fill += sz
+    num_pages = page + 1 if n else 0
+    img = metadata["f0"]
+    img["mode"], img["width"], img["height"], img["data_ptr"] = JPG_MODE, widths, heights, ptr
+    metadata["f1"], metadata["f2"] = labels, indices
+    alloc = np.zeros(n, dtype=ALLOC_TABLE_TYPE)
+    alloc["sample_id"], alloc["ptr"], alloc["size"] = np.arange(n), ptr, sizes
+    header = np.zeros(1, dtype=HeaderType)[0]
+    header["version"], header["num_fields"], header["page_size"] = CURRENT_VERSION, len(FIELDS), page_size
+    header["num_samples"], header["alloc_table_ptr"] = n, data_start + num_pages * page_size
 
-    def add(self, jpeg: bytes, width: int, height: int, label: int, index: int) -> None:
-        sid = self._next
-        if sid >= self.num_samples:
-            raise ValueError("more samples than announced")
-        n = len(jpeg)
-        if n > self.page_size:
-            raise ValueError(f"sample {index}: {n} bytes exceed the page size {self.page_size}")
-        if len(self._page) + n > self.page_size:
-            self._flush_page()
-        ptr = self._page_start + len(self._page)
-        self._page += jpeg
-        self._alloc[sid] = (sid, ptr, n)
-        row = self.metadata[sid]
-        row["f0"]["mode"] = IMAGE_MODES["jpg"]
-        row["f0"]["width"] = width
-        row["f0"]["height"] = height
-        row["f0"]["data_ptr"] = ptr
-        row["f1"] = label
-        row["f2"] = index
-        self._next += 1
-
-    def _flush_page(self) -> None:
-        if not self._page:
-            return
-        # ffcv writes whole pages (zero padded) so that page-granular readers never read past EOF.
-        self._f.write(bytes(self._page) + b"\0" * (self.page_size - len(self._page)))
-        self._page_start += self.page_size
-        self._page = bytearray()
-
-    def close(self) -> str:
-        if self._next != self.num_samples:
-            self.abort()
-            raise ValueError(f"{self.path}: got {self._next} samples, announced {self.num_samples}")
-        self._flush_page()
-        self.header["alloc_table_ptr"] = self._f.tell()
-        self._f.write(self._alloc.tobytes())
-        self._f.seek(0)
-        self._f.write(self.header.tobytes())
-        self._f.seek(self.metadata_start)
-        self._f.write(self.metadata.tobytes())
-        commit(self._f, self.path)
-        return sha256_file(self.path)
-
-    def abort(self) -> None:
-        self._f.close()
-        partial_path(self.path).unlink(missing_ok=True)
+    sha = hashlib.sha256()
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        def out(b):
+            f.write(b)
+            sha.update(b)
+        head = header.tobytes() + desc.tobytes() + metadata.tobytes()
+        out(head + bytes(data_start - len(head)))
+        bounds = np.searchsorted(page_of, np.arange(num_pages + 1))
+        buf = bytearray(page_size)
+        for p in range(num_pages):
+            pos = 0
+            for s_id in range(bounds[p], bounds[p + 1]):
+                b = read_jpeg(s_id)
+                if len(b) != sizes[s_id]:
+                    raise ValueError(f"sample {s_id}: read {len(b)} bytes, expected {sizes[s_id]}")
+                buf[pos:pos + len(b)] = b
+                pos += len(b)
+            buf[pos:] = bytes(page_size - pos)  # ffcv writes whole zero-padded pages
+            out(buf)
+            if progress is not None:
+                progress(int(bounds[p + 1] - bounds[p]))
+        out(alloc.tobytes())
+        size = f.tell()
+    return {"sha256": sha.hexdigest(), "bytes": size, "page_size": page_size}

@@ -33,10 +33,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import dataset_format as fmt
-from .atomic import atomic_open, atomic_write_json, remove_partials, sha256_file
-from .beton_writer import BetonWriter, page_size_for
+from .atomic import atomic_open, atomic_write_json, remove_partials
 from .image_codec import DEFAULT_MAX_PIXELS, BadImage, normalize_image
-from .wds_writer import ShardWriter, iter_shard
+from .wds_writer import ShardWriter
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PROGRESS = ".progress.json"
@@ -209,15 +208,20 @@ def scan(cfg: ConvertConfig) -> Scan:
 # --------------------------------------------------------------------------------------- processing
 
 def _process(job):
-    """Worker: read and normalise one file. Returns (ok, payload) and never raises."""
-    path, max_side, quality, max_pixels, verify = job
+    """Worker: read and normalise one file. Returns (ok, payload) and never raises.
+
+    With `return_passthrough=False` a file kept byte for byte comes back as None (the parent reads it
+    again from the page cache): sending it through the pool's pipe costs the parent more (receive +
+    unpickle) than the read, and the parent is the bottleneck of a pass-through conversion."""
+    path, max_side, quality, max_pixels, verify, return_passthrough = job
     try:
         if os.path.islink(path) and not os.path.exists(path):
             return False, "broken symlink"
         with open(path, "rb") as f:
             data = f.read()
         enc = normalize_image(data, max_side=max_side, quality=quality, max_pixels=max_pixels, verify=verify)
-        return True, (enc.jpeg, enc.width, enc.height, enc.action)
+        jpeg = enc.jpeg if (return_passthrough or enc.action != "passthrough") else len(enc.jpeg)
+        return True, (jpeg, enc.width, enc.height, enc.action)
     except BadImage as e:
         return False, str(e)
     except OSError as e:
@@ -231,15 +235,22 @@ class _BoundedFeed:
     imap's feeder thread would otherwise read the whole job list ahead of the consumer)."""
 
     def __init__(self, jobs, limit: int):
-        self.jobs, self.sem = jobs, threading.Semaphore(limit)
+        self.jobs, self.sem, self.stopped = jobs, threading.Semaphore(limit), False
 
     def __iter__(self):
         for job in self.jobs:
             self.sem.acquire()
+            if self.stopped:
+                return
             yield job
 
     def done(self):
         self.sem.release()
+
+    def stop(self):
+        """Unblock the feeder thread so Pool.terminate() can join it (else an early exit deadlocks)."""
+        self.stopped = True
+        self.sem.release()  # the feeder blocks on at most one acquire; it then sees `stopped`
 
 
 def _results(jobs, workers: int):
@@ -248,11 +259,16 @@ def _results(jobs, workers: int):
             yield _process(job)
         return
     feed = _BoundedFeed(jobs, limit=workers * 32)
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # forkserver, not fork: the caller may already run DALI, ffcv or torch threads, and forking a
+    # multi-threaded process can deadlock the child on a lock some thread held.
+    ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers) as pool:
-        for r in pool.imap(_process, feed, chunksize=4):
-            feed.done()
-            yield r
+        try:
+            for r in pool.imap(_process, feed, chunksize=4):
+                feed.done()
+                yield r
+        finally:
+            feed.stop()
 
 
 # -------------------------------------------------------------------------------------------- state
@@ -334,7 +350,8 @@ def convert(cfg: ConvertConfig) -> dict:
 def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Path, log) -> None:
     src = Path(cfg.src)
     start = prog.next_candidate
-    jobs = ((str(src / rel), cfg.max_side, cfg.quality, cfg.max_pixels, cfg.verify)
+    inline = cfg.workers == 1
+    jobs = ((str(src / rel), cfg.max_side, cfg.quality, cfg.max_pixels, cfg.verify, inline)
             for rel, _ in sc.candidates[start:])
     bar = tqdm(total=len(sc.candidates), initial=start, unit="img", desc=f"convert {cfg.split}",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.05)
@@ -344,8 +361,9 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
     pending_actions: Counter = Counter()
     pending_counts = Counter()
     pending_max = 0
+    results = _results(jobs, cfg.workers)
     try:
-        for ok, payload in _results(jobs, cfg.workers):
+        for ok, payload in results:
             rel, label = sc.candidates[pos]
             pos += 1
             bar.update(1)
@@ -356,6 +374,12 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
                 bar.set_postfix(bad=len(prog.bad) + len(pending_bad), refresh=False)
             else:
                 jpeg, w, h, action = payload
+                if isinstance(jpeg, int):  # pass-through from a worker: read it here (see _process)
+                    with open(src / rel, "rb") as f:
+                        data = f.read()
+                    if len(data) != jpeg:
+                        raise ConversionError(f"{rel} changed while being converted; rerun to resume")
+                    jpeg = data
                 if writer is None:
                     k = len(prog.shards)
                     writer = ShardWriter(shard_dir / fmt.shard_name(cfg.split, k, "tar"),
@@ -396,6 +420,7 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
             writer.abort()
         raise
     finally:
+        results.close()  # stop the worker pool now, not when the traceback is collected
         bar.close()
 
 
@@ -416,23 +441,7 @@ def _finish(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Path, log
                               f"see the reasons above")
     beton = None
     if "ffcv" in cfg.formats:
-        page = page_size_for(prog.max_jpeg_bytes)
-        path = out_split / fmt.beton_name(cfg.split)
-        bw = BetonWriter(path, n, page_size=page)
-        bar = tqdm(total=n, unit="img", desc="write .beton", disable=not cfg.progress, dynamic_ncols=True)
-        try:
-            for sh in prog.shards:
-                for _key, m in iter_shard(shard_dir / sh["tar"]):
-                    meta = json.loads(m["json"])
-                    bw.add(m["jpg"], meta["width"], meta["height"], meta["label"], meta["index"])
-                    bar.update(1)
-            sha = bw.close()
-        except BaseException:
-            bw.abort()
-            raise
-        finally:
-            bar.close()
-        beton = {"file": path.name, "sha256": sha, "bytes": path.stat().st_size, "page_size": page}
+        beton = _write_beton(cfg, prog, out_split, shard_dir)
     if "wds" not in cfg.formats:
         shutil.rmtree(shard_dir)
     with atomic_open(out_split / fmt.BAD_FILES, "w") as f:
@@ -470,6 +479,41 @@ def _finish(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Path, log
     atomic_write_json(out_split / fmt.MANIFEST, manifest)
     (out_split / PROGRESS).unlink(missing_ok=True)
     return manifest
+
+
+def _write_beton(cfg, prog: Progress, out_split: Path, shard_dir: Path) -> dict:
+    """Stream the finished shards into the .beton: image bytes are read at their offsets from the DALI
+    index (no tar parsing), metadata from each sample's .json."""
+    # Imported here: ffcv's import JIT-compiles numba code (seconds), which the workers never need.
+    from .beton_writer import write_beton
+    n = prog.next_index
+    sizes, widths, heights, labels, indices = (np.zeros(n, np.int64) for _ in range(5))
+    where = np.zeros((n, 2), np.int64)  # (shard number, byte offset of the .jpg member)
+    fds = []
+    try:
+        for k, sh in enumerate(prog.shards):
+            fd = os.open(shard_dir / sh["tar"], os.O_RDONLY)
+            fds.append(fd)
+            lines = (shard_dir / sh["idx"]).read_text().splitlines()[1:]
+            for j, line in enumerate(lines):
+                f = line.split(" ")
+                members = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+                s_id = sh["first_index"] + j
+                joff, jsize = members["json"]
+                meta = json.loads(os.pread(fd, jsize, joff))
+                where[s_id] = (k, members["jpg"][0])
+                sizes[s_id] = members["jpg"][1]
+                widths[s_id], heights[s_id] = meta["width"], meta["height"]
+                labels[s_id], indices[s_id] = meta["label"], meta["index"]
+        bar = tqdm(total=n, unit="img", desc="write .beton", disable=not cfg.progress, dynamic_ncols=True)
+        with bar:
+            info = write_beton(out_split / fmt.beton_name(cfg.split), sizes=sizes, widths=widths, heights=heights,
+                               labels=labels, indices=indices, progress=bar.update,
+                               read_jpeg=lambda s: os.pread(fds[where[s, 0]], int(sizes[s]), int(where[s, 1])))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"file": fmt.beton_name(cfg.split), **info}
 
 
 def _reason_kind(reason: str) -> str:

@@ -65,7 +65,7 @@ def read_dali(split_dir: Path, manifest: dict, decode: bool, batch_size: int = 6
             random_shuffle=False, pad_last_batch=True, name="reader")
         if decode:
             img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            return label, index, fn.shapes(img, device="cpu") if not gpu else fn.shapes(img.cpu())
+            return label, index, img.shape()  # returned so that the decoder is not pruned
         return label, index
 
     p = pipe()

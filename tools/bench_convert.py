@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Benchmark the converter against what a user would otherwise run, on the same input, in one run.
+
+    python tools/bench_convert.py [--images 1000] [--workers 2] [--max-side 256]
+
+Rows (images/s over the same synthetic ImageNet-like JPEGs, 150-800 px, all from the page cache):
+  ours pass-through     tools/convert_imagenet.py defaults: WebDataset shards + DALI .idx + .beton
+  ffcv DatasetWriter    ffcv's writer over a PIL-decoding indexed dataset, RGBImageField(write_mode='jpg')
+  ours --max-side N     the same converter re-encoding to a longer side of N (DCT-domain downscale)
+  PIL tar writer        PIL open/convert/resize(Lanczos)/save JPEG per image in a Pool, into tar shards
+Each writer gets the same number of worker processes. Results are appended to
+tools/results/bench_convert.csv with the machine, library versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.convert import ConvertConfig, convert  # noqa: E402
+from tools.make_synthetic import make  # noqa: E402
+
+RESULTS = ROOT / "tools" / "results" / "bench_convert.csv"
+
+
+def _files(src: Path) -> list[tuple[str, int]]:
+    classes = sorted(p.name for p in (src / "train").iterdir())
+    return [(str(p), c) for c, name in enumerate(classes) for p in sorted((src / "train" / name).iterdir())]
+
+
+def _warm(files) -> int:
+    return sum(len(Path(f).read_bytes()) for f, _ in files)
+
+
+class PILDataset:
+    """What an ffcv user writes: an indexable dataset returning (HxWx3 uint8 array, label)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, label = self.files[i]
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB")), label
+
+
+def run_ffcv(files, out: Path, workers: int) -> float:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    w = DatasetWriter(str(out / "ffcv.beton"), {"image": RGBImageField(write_mode="jpg", jpeg_quality=90),
+                                                "label": IntField()}, num_workers=workers)
+    t = time.perf_counter()
+    w.from_indexed_dataset(PILDataset(files))
+    return time.perf_counter() - t
+
+
+def _pil_job(job):
+    from PIL import Image
+    path, max_side, quality = job
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if max_side and max(im.size) > max_side:
+            s = max_side / max(im.size)
+            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.LANCZOS)
+        b = io.BytesIO()
+        im.save(b, "JPEG", quality=quality)
+        return b.getvalue()
+
+
+def run_pil(files, out: Path, workers: int, max_side: int, shard_size: int = 1000) -> float:
+    t = time.perf_counter()
+    with mp.get_context("forkserver").Pool(workers) as pool:
+        tf = None
+        for i, data in enumerate(pool.imap(_pil_job, [(f, max_side, 90) for f, _ in files], chunksize=8)):
+            if i % shard_size == 0:
+                if tf:
+                    tf.close()
+                tf = tarfile.open(out / f"pil-{i // shard_size:06d}.tar", "w")
+            info = tarfile.TarInfo(f"{i:09d}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"{i:09d}.cls")
+            lab = str(files[i][1]).encode()
+            info.size = len(lab)
+            tf.addfile(info, io.BytesIO(lab))
+        tf.close()
+    return time.perf_counter() - t
+
+
+def run_ours(src: Path, out: Path, workers: int, max_side: int | None) -> tuple[float, dict]:
+    import pipeline.beton_writer  # noqa: F401  (import ffcv before timing, as for the ffcv row)
+    t = time.perf_counter()
+    m = convert(ConvertConfig(src=str(src), out=str(out), split="train", workers=workers, max_side=max_side,
+                              progress=False))
+    return time.perf_counter() - t, m
+
+
+def versions() -> dict:
+    import ffcv  # noqa: F401
+    import PIL
+    import simplejpeg
+    from importlib.metadata import version
+    return {"python": platform.python_version(), "pillow": PIL.__version__, "simplejpeg": simplejpeg.__version__,
+            "ffcv": version("ffcv"), "numpy": np.__version__}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=1000, help="number of synthetic images (default 1000)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes for every writer")
+    p.add_argument("--max-side", type=int, default=256, help="longer side for the re-encode rows (default 256)")
+    p.add_argument("--src", default=None, help="reuse/create the synthetic input here (default: a temp dir)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per row; the best is reported")
+    p.add_argument("--no-save", action="store_true", help="do not append to tools/results/bench_convert.csv")
+    a = p.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_convert_"))
+    src = Path(a.src) if a.src else tmp / "src"
+    classes = 10
+    per = max(1, a.images // classes)
+    if not (src / "train").is_dir():
+        print(f"generating {per * classes} synthetic images in {src} ...", flush=True)
+        make(src, classes=classes, train_per_class=per, val_per_class=0, seed=0, progress=True)
+    files = _files(src)
+    nbytes = _warm(files)
+    sizes = []
+    from PIL import Image
+    for f, _ in files[:200]:
+        with Image.open(f) as im:
+            sizes.append(max(im.size))
+    print(f"{len(files)} JPEGs, {nbytes / len(files) / 1024:.0f} KiB mean, longer side mean {np.mean(sizes):.0f} px; "
+          f"{a.workers} workers", flush=True)
+
+    rows = []
+
+    def best(fn):
+        times = []
+        for r in range(a.repeats):
+            out = tmp / f"out_{len(rows)}_{r}"
+            out.mkdir()
+            times.append(fn(out))
+            shutil.rmtree(out)
+        return min(times)
+
+    t_ours = best(lambda o: run_ours(src, o, a.workers, None)[0])
+    rows.append(("ours pass-through (wds+idx+beton)", t_ours))
+    t_ffcv = best(lambda o: run_ffcv(files, o, a.workers))
+    rows.append(("ffcv DatasetWriter (jpg)", t_ffcv))
+    t_ours_rs = best(lambda o: run_ours(src, o, a.workers, a.max_side)[0])
+    rows.append((f"ours --max-side {a.max_side} (wds+idx+beton)", t_ours_rs))
+    t_pil = best(lambda o: run_pil(files, o, a.workers, a.max_side))
+    rows.append((f"PIL tar writer (resize {a.max_side})", t_pil))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    n = len(files)
+    ratio = {rows[0][0]: t_ffcv / t_ours, rows[1][0]: 1.0, rows[2][0]: t_pil / t_ours_rs, rows[3][0]: 1.0}
+    vs = {rows[0][0]: "vs ffcv", rows[1][0]: "", rows[2][0]: "vs PIL", rows[3][0]: ""}
+    print(f"\n| writer | images/s | ratio |\n|---|---:|---:|")
+    for name, t in rows:
+        r = f"{ratio[name]:.1f}x {vs[name]}" if vs[name] else "1.0x"
+        print(f"| {name} | {n / t:,.0f} | {r} |")
+
+    if not a.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        new = not RESULTS.exists()
+        with open(RESULTS, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["date", "machine", "cpus", "workers", "images", "writer", "seconds", "images_per_s",
+                            "ratio", "versions"])
+            stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+            for name, t in rows:
+                w.writerow([stamp, machine, os.cpu_count(), a.workers, n, name, f"{t:.3f}", f"{n / t:.1f}",
+                            f"{ratio[name]:.2f}", " ".join(f"{k}={v}" for k, v in versions().items())])
+        print(f"\nappended to {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
