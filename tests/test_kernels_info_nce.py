@@ -1,0 +1,137 @@
+"""kernels.info_nce (queue / in-batch) against a float64 reference on both backends."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import info_nce, info_nce_ref
+
+backend_mod = importlib.import_module("kernels._backend")
+
+CUDA = torch.cuda.is_available()
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| over the whole tensor."""
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+
+
+def unit(n: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, device=device, dtype=torch.float64), dim=1).to(dtype)
+
+
+def run(fn, q, k, queue, **kw):
+    q = q.detach().clone().requires_grad_()
+    k = k.detach().clone().requires_grad_()
+    loss = fn(q, k, queue, **kw)
+    loss.backward()
+    return loss.detach(), q.grad, k.grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("temperature", [0.05, 0.2, 1.0])
+@pytest.mark.parametrize("n,d,k_queue", [(9, 41, 341), (77, 64, None), (130, 33, 97), (9, 41, None)])
+def test_matches_float64_reference(backend, temperature, n, d, k_queue):
+    q, k = unit(n, d), unit(n, d)
+    queue = None if k_queue is None else unit(k_queue, d)
+    loss, dq, dk = run(info_nce, q, k, queue, temperature=temperature, backend=backend)
+    ref = run(info_nce_ref, q.double(), k.double(), None if queue is None else queue.double(),
+              temperature=temperature)
+    assert abs(loss.item() - ref[0].item()) <= 2e-6 * abs(ref[0].item()) + 1e-6
+    assert rel_err(dq, ref[1]) < 5e-5
+    assert rel_err(dk, ref[2]) < 5e-5
+
+
+def test_large_queue_torch_path():
+    q, k, queue = unit(9, 41), unit(9, 41), unit(4231, 41)
+    loss, dq, dk = run(info_nce, q, k, queue, temperature=0.07, backend="torch")
+    ref = run(info_nce_ref, q.double(), k.double(), queue.double(), temperature=0.07)
+    assert abs(loss.item() - ref[0].item()) <= 2e-6 * abs(ref[0].item())
+    assert rel_err(dq, ref[1]) < 5e-5 and rel_err(dk, ref[2]) < 5e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("with_queue", [True, False])
+def test_bf16_error_bounded_by_torch_bf16_error(backend, with_queue):
+    q, k = unit(100, 48, torch.bfloat16), unit(100, 48, torch.bfloat16)
+    queue = unit(150, 48, torch.bfloat16) if with_queue else None
+    loss, dq, dk = run(info_nce, q, k, queue, temperature=0.1, backend=backend)
+    ref = run(info_nce_ref, q.double(), k.double(), None if queue is None else queue.double(),
+              temperature=0.1)
+    bf = run(info_nce_ref, q, k, queue, temperature=0.1)  # torch's own bf16 error
+    assert dq.dtype == dk.dtype == torch.bfloat16
+    assert abs(loss.item() - ref[0].item()) <= 2 * abs(bf[0].item() - ref[0].item()) + 1e-5
+    assert rel_err(dq, ref[1]) <= 2 * rel_err(bf[1], ref[1])
+    assert rel_err(dk, ref[2]) <= 2 * rel_err(bf[2], ref[2])
+
+
+@pytest.mark.parametrize("with_queue", [True, False])
+def test_gradcheck_float64_chunked(monkeypatch, with_queue):
+    monkeypatch.setattr(backend_mod, "CHUNK_ELEMS", 10)
+    q = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    queue = torch.randn(7, 4, dtype=torch.float64) if with_queue else None
+    assert torch.autograd.gradcheck(
+        lambda a, b: info_nce(a, b, queue, temperature=0.4, backend="torch"), (q, k))
+
+
+def test_queue_gets_no_gradient_and_k_may_be_detached():
+    q, k, queue = unit(12, 16).requires_grad_(), unit(12, 16), unit(20, 16).requires_grad_()
+    info_nce(q, k, queue, temperature=0.2, backend="triton").backward()
+    assert queue.grad is None and q.grad is not None
+
+
+@pytest.mark.parametrize("with_queue", [True, False])
+def test_chunk_size_does_not_change_result(monkeypatch, with_queue):
+    q, k = unit(64, 41), unit(64, 41)
+    queue = unit(341, 41) if with_queue else None
+    results = []
+    for chunk in (5, 700, 1 << 22):
+        monkeypatch.setattr(backend_mod, "CHUNK_ELEMS", chunk)
+        results.append(run(info_nce, q, k, queue, temperature=0.1, backend="torch"))
+    for loss, dq, dk in results[1:]:
+        assert abs(loss.item() - results[0][0].item()) <= 1e-6 * abs(loss.item())
+        assert rel_err(dq, results[0][1].double()) < 1e-5
+        assert rel_err(dk, results[0][2].double()) < 1e-5
+
+
+def test_chunked_path_never_allocates_n_by_k(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    monkeypatch.setattr(backend_mod, "CHUNK_ELEMS", 700)
+    n, d, kq = 64, 8, 700
+    q, k, queue = unit(n, d).requires_grad_(), unit(n, d).requires_grad_(), unit(kq, d)
+    with LargestOutput() as probe:
+        info_nce(q, k, queue, temperature=0.1, backend="torch").backward()
+    assert probe.largest <= kq * d  # the queue itself; logits only ever one 700-element row
+    with LargestOutput() as ref_probe:
+        info_nce_ref(q, k, queue, temperature=0.1).backward()
+    assert ref_probe.largest >= n * kq
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k_queue,d", [(4231, 16411, 128), (1000, None, 256)])
+def test_gpu_kernel_matches_reference(n, k_queue, d, dtype):
+    q, k = unit(n, d, dtype, "cuda"), unit(n, d, dtype, "cuda")
+    queue = None if k_queue is None else unit(k_queue, d, dtype, "cuda")
+    loss, dq, dk = run(info_nce, q, k, queue, temperature=0.07, backend="triton")
+    ref = run(info_nce_ref, q.double(), k.double(), None if queue is None else queue.double(),
+              temperature=0.07)
+    tol = 5e-5 if dtype == torch.float32 else 1e-2
+    assert abs(loss.item() - ref[0].item()) <= tol * abs(ref[0].item())
+    assert rel_err(dq, ref[1]) < tol and rel_err(dk, ref[2]) < tol
