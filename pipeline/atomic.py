@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -68,3 +69,62 @@ def _fsync_dir(directory: Path) -> None:
     finally:
         os.close(fd)
 
+
+
+class HashingWriter:
+    """Append-only file output whose writes and SHA-256 run on a background thread.
+
+    Why: file writes and hashlib release the GIL, so moving them off the caller's thread lets a
+    conversion's Python work (parsing, tar headers, bookkeeping) run on one core while the bytes are
+    written and hashed on the other. Chunks are written in submission order; `finish()` waits for
+    them and re-raises any I/O error. The file is opened on partial_path(path): `commit()` makes it
+    appear under `path`.
+    """
+
+    def __init__(self, path: str | Path, max_queued: int = 256):
+        import queue
+        import threading
+        self.path = Path(path)
+        self._f = open(partial_path(self.path), "wb")
+        self._sha = hashlib.sha256()
+        self.size = 0  # bytes submitted so far (the offset of the next chunk)
+        self._q: queue.Queue = queue.Queue(max_queued)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"write {self.path.name}")
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            chunk = self._q.get()
+            if chunk is None:
+                return
+            if self._error is None:
+                try:
+                    self._f.write(chunk)
+                    self._sha.update(chunk)
+                except BaseException as e:  # reported by finish()
+                    self._error = e
+
+    def write(self, chunk) -> None:
+        if self._error is not None:
+            raise self._error
+        self.size += len(chunk)
+        self._q.put(chunk)
+
+    def finish(self) -> str:
+        """Wait for every chunk; returns the hex SHA-256 of everything written."""
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._sha.hexdigest()
+
+    def commit(self) -> None:
+        commit(self._f, self.path)
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        self._f.close()
+        partial_path(self.path).unlink(missing_ok=True)

@@ -13,7 +13,6 @@ with its stock `RGBImageField` decoders (mode 0 = 'jpg').
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +24,7 @@ from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, Fiel
 from ffcv.utils import align_to_page
 from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE
 
-from .atomic import atomic_open
+from .atomic import HashingWriter
 
 DEFAULT_PAGE_SIZE = 4 * MIN_PAGE_SIZE  # ffcv's DatasetWriter default (8 MiB)
 
@@ -90,17 +89,13 @@ def write_beton(path: str | Path, *, sizes: np.ndarray, widths: np.ndarray, heig
     header["version"], header["num_fields"], header["page_size"] = CURRENT_VERSION, len(FIELDS), page_size
     header["num_samples"], header["alloc_table_ptr"] = n, data_start + num_pages * page_size
 
-    sha = hashlib.sha256()
-    path = Path(path)
-    with atomic_open(path, "wb") as f:
-        def out(b):
-            f.write(b)
-            sha.update(b)
+    out = HashingWriter(path, max_queued=4)  # write + hash on a thread while the next page is read
+    try:
         head = header.tobytes() + desc.tobytes() + metadata.tobytes()
-        out(head + bytes(data_start - len(head)))
+        out.write(head + bytes(data_start - len(head)))
         bounds = np.searchsorted(page_of, np.arange(num_pages + 1))
-        buf = bytearray(page_size)
         for p in range(num_pages):
+            buf = bytearray(page_size)  # fresh buffer: the previous one may still be queued
             pos = 0
             for s_id in range(bounds[p], bounds[p + 1]):
                 b = read_jpeg(s_id)
@@ -108,10 +103,13 @@ def write_beton(path: str | Path, *, sizes: np.ndarray, widths: np.ndarray, heig
                     raise ValueError(f"sample {s_id}: read {len(b)} bytes, expected {sizes[s_id]}")
                 buf[pos:pos + len(b)] = b
                 pos += len(b)
-            buf[pos:] = bytes(page_size - pos)  # ffcv writes whole zero-padded pages
-            out(buf)
+            out.write(buf)  # ffcv writes whole pages; the tail of buf is still zero
             if progress is not None:
                 progress(int(bounds[p + 1] - bounds[p]))
-        out(alloc.tobytes())
-        size = f.tell()
-    return {"sha256": sha.hexdigest(), "bytes": size, "page_size": page_size}
+        out.write(alloc.tobytes())
+        sha = out.finish()
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    return {"sha256": sha, "bytes": out.size, "page_size": page_size}

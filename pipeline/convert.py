@@ -25,8 +25,9 @@ import os
 import shutil
 import sys
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from . import dataset_format as fmt
 from .atomic import atomic_open, atomic_write_json, remove_partials
-from .image_codec import DEFAULT_MAX_PIXELS, BadImage, normalize_image
+from .image_codec import DEFAULT_MAX_PIXELS, BadImage, normalize_image, try_passthrough
 from .wds_writer import ShardWriter
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -207,68 +208,73 @@ def scan(cfg: ConvertConfig) -> Scan:
 
 # --------------------------------------------------------------------------------------- processing
 
-def _process(job):
-    """Worker: read and normalise one file. Returns (ok, payload) and never raises.
-
-    With `return_passthrough=False` a file kept byte for byte comes back as None (the parent reads it
-    again from the page cache): sending it through the pool's pipe costs the parent more (receive +
-    unpickle) than the read, and the parent is the bottleneck of a pass-through conversion."""
-    path, max_side, quality, max_pixels, verify, return_passthrough = job
+def _read(path: str) -> bytes:
     try:
-        if os.path.islink(path) and not os.path.exists(path):
-            return False, "broken symlink"
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
+    except FileNotFoundError:
+        raise BadImage("broken symlink" if os.path.islink(path) else "file disappeared during conversion") from None
+    except OSError as e:
+        raise BadImage(f"unreadable: {e.strerror or e}") from None
+
+
+def _process(job, data: bytes | None = None):
+    """Read (unless given) and normalise one file. Returns (ok, payload) and never raises."""
+    path, max_side, quality, max_pixels, verify = job
+    try:
+        if data is None:
+            data = _read(path)
         enc = normalize_image(data, max_side=max_side, quality=quality, max_pixels=max_pixels, verify=verify)
-        jpeg = enc.jpeg if (return_passthrough or enc.action != "passthrough") else len(enc.jpeg)
-        return True, (jpeg, enc.width, enc.height, enc.action)
+        return True, (enc.jpeg, enc.width, enc.height, enc.action)
     except BadImage as e:
         return False, str(e)
-    except OSError as e:
-        return False, f"unreadable: {e.strerror or e}"
     except Exception as e:  # a decoder bug must not cost the rest of the dataset
         return False, f"unexpected {type(e).__name__}: {e}"
 
 
-class _BoundedFeed:
-    """Feeds jobs to Pool.imap while keeping at most `limit` results in flight (bounded memory:
-    imap's feeder thread would otherwise read the whole job list ahead of the consumer)."""
-
-    def __init__(self, jobs, limit: int):
-        self.jobs, self.sem, self.stopped = jobs, threading.Semaphore(limit), False
-
-    def __iter__(self):
-        for job in self.jobs:
-            self.sem.acquire()
-            if self.stopped:
-                return
-            yield job
-
-    def done(self):
-        self.sem.release()
-
-    def stop(self):
-        """Unblock the feeder thread so Pool.terminate() can join it (else an early exit deadlocks)."""
-        self.stopped = True
-        self.sem.release()  # the feeder blocks on at most one acquire; it then sees `stopped`
+def _triage(job):
+    """Parent side: read the file and settle everything a header decides (pass-through, most bad
+    files). Returns a result, or None when the file must be decoded (sent to a worker)."""
+    path, max_side, _quality, max_pixels, verify = job
+    try:
+        enc = try_passthrough(_read(path), max_side=max_side, max_pixels=max_pixels, verify=verify)
+    except BadImage as e:
+        return False, str(e)
+    except Exception as e:
+        return False, f"unexpected {type(e).__name__}: {e}"
+    return None if enc is None else (True, (enc.jpeg, enc.width, enc.height, enc.action))
 
 
-def _results(jobs, workers: int):
-    if workers == 1:
-        for job in jobs:
-            yield _process(job)
-        return
-    feed = _BoundedFeed(jobs, limit=workers * 32)
-    # forkserver, not fork: the caller may already run DALI, ffcv or torch threads, and forking a
-    # multi-threaded process can deadlock the child on a lock some thread held.
-    ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers) as pool:
-        try:
-            for r in pool.imap(_process, feed, chunksize=4):
-                feed.done()
-                yield r
-        finally:
-            feed.stop()
+def _pool_context():
+    """fork when it is safe (the CLI: one thread, no native thread pools loaded) since it starts in
+    milliseconds; otherwise forkserver, because forking a process that runs DALI, ffcv/numba or torch
+    threads can deadlock the child on a lock one of those threads held."""
+    if not sys.platform.startswith("linux"):
+        return mp.get_context("spawn")
+    threaded = ("torch", "nvidia.dali", "ffcv", "numba", "cv2")
+    if threading.active_count() == 1 and not any(m in sys.modules for m in threaded):
+        return mp.get_context("fork")
+    return mp.get_context("forkserver")
+
+
+def _results(jobs, pool, window: int):
+    """Results in job order. The parent triages each file itself; only files that need decoding go to
+    the pool. Why: a pass-through file sent through a worker costs the parent a pipe receive and an
+    unpickle of its bytes, more than reading it, and on a pass-through conversion the parent (tar,
+    index, hashing, .beton) is the bottleneck. At most `window` results are in flight (bounded memory)."""
+    pending: deque = deque()
+    for job in jobs:
+        r = _triage(job)
+        if r is None:
+            r = pool.apply_async(_process, (job,)) if pool is not None else _process(job)
+        pending.append(r)
+        while pending and (len(pending) > window or not isinstance(pending[0], AsyncResult)
+                           or pending[0].ready()):
+            head = pending.popleft()
+            yield head.get() if isinstance(head, AsyncResult) else head
+    while pending:
+        head = pending.popleft()
+        yield head.get() if isinstance(head, AsyncResult) else head
 
 
 # -------------------------------------------------------------------------------------------- state
@@ -350,9 +356,10 @@ def convert(cfg: ConvertConfig) -> dict:
 def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Path, log) -> None:
     src = Path(cfg.src)
     start = prog.next_candidate
-    inline = cfg.workers == 1
-    jobs = ((str(src / rel), cfg.max_side, cfg.quality, cfg.max_pixels, cfg.verify, inline)
+    jobs = ((str(src / rel), cfg.max_side, cfg.quality, cfg.max_pixels, cfg.verify)
             for rel, _ in sc.candidates[start:])
+    # Created before any thread of ours (progress bar, writer threads) exists, so fork is usable.
+    pool = _pool_context().Pool(cfg.workers) if cfg.workers > 1 and start < len(sc.candidates) else None
     bar = tqdm(total=len(sc.candidates), initial=start, unit="img", desc=f"convert {cfg.split}",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.05)
     writer = None
@@ -361,7 +368,7 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
     pending_actions: Counter = Counter()
     pending_counts = Counter()
     pending_max = 0
-    results = _results(jobs, cfg.workers)
+    results = _results(jobs, pool, window=max(64, 32 * cfg.workers))
     try:
         for ok, payload in results:
             rel, label = sc.candidates[pos]
@@ -374,12 +381,6 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
                 bar.set_postfix(bad=len(prog.bad) + len(pending_bad), refresh=False)
             else:
                 jpeg, w, h, action = payload
-                if isinstance(jpeg, int):  # pass-through from a worker: read it here (see _process)
-                    with open(src / rel, "rb") as f:
-                        data = f.read()
-                    if len(data) != jpeg:
-                        raise ConversionError(f"{rel} changed while being converted; rerun to resume")
-                    jpeg = data
                 if writer is None:
                     k = len(prog.shards)
                     writer = ShardWriter(shard_dir / fmt.shard_name(cfg.split, k, "tar"),
@@ -420,7 +421,9 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
             writer.abort()
         raise
     finally:
-        results.close()  # stop the worker pool now, not when the traceback is collected
+        results.close()
+        if pool is not None:
+            pool.terminate()  # now, not when the traceback is collected
         bar.close()
 
 

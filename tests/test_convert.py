@@ -247,3 +247,10 @@ def test_cli_help_and_clear_errors(tmp_path):
     for tool in ("make_synthetic.py", "inspect_dataset.py", "bench_convert.py"):
         r = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout, tool
+
+
+@pytest.mark.parametrize("name", ["a", "000000001.jpg", "ñandú_日本.label.i64", "x" * 99, "x" * 100])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 92_000, 8 ** 11 - 1])
+def test_fast_tar_header_equals_tarfile(name, size):
+    from pipeline.wds_writer import fast_tar_header, tar_header
+    assert fast_tar_header(name, size) == tar_header(name, size)
