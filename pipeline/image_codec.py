@@ -207,6 +207,8 @@ def normalize_image(data: bytes, *, max_side: int | None = None, quality: int = 
             elif verify == "decode":
                 _decode_check(data)
             return Encoded(data, info.width, info.height, "passthrough")
+        if info.components in (1, 3) and info.adobe_transform != 0:
+            return _reencode_jpeg(data, info, max_side, quality, why)
         return _reencode(data, max_side, quality, max_pixels, why)
     return _reencode(data, max_side, quality, max_pixels, kind)
 
@@ -232,6 +234,40 @@ def _decode_check(data: bytes) -> None:
         simplejpeg.decode_jpeg(data, strict=True)
     except Exception as e:  # libjpeg-turbo reports corrupt data as ValueError/RuntimeError
         raise BadImage(f"corrupt or truncated JPEG: {e}") from None
+
+
+# EXIF orientation -> the array operation that makes the image upright (PIL's exif_transpose table).
+_ORIENT = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1),
+}
+
+
+def _reencode_jpeg(data: bytes, info: JpegInfo, max_side: int | None, quality: int, why: str) -> Encoded:
+    """YCbCr/grayscale JPEG -> baseline RGB JPEG through libjpeg-turbo directly.
+
+    With --max-side, libjpeg-turbo decodes in the DCT domain at the smallest of its M/8 scale factors
+    (7/8, 3/4, 5/8, 1/2, ... 1/8) that still covers the target, so a 500 px source for a 256 px target
+    is decoded at 5/8 (313 px) with a reduced IDCT, and Lanczos only finishes the last step. PIL's
+    draft() offers only 1/2, 1/4, 1/8 and so does nothing for the common 1x-2x case."""
+    tw, th = target_size(info.width, info.height, max_side)  # stored orientation
+    try:
+        if (tw, th) != (info.width, info.height):
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=tw, min_height=th, strict=True)
+        else:
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except Exception as e:
+        raise BadImage(f"corrupt or truncated JPEG: {e}") from None
+    if info.orientation in _ORIENT:
+        arr = _ORIENT[info.orientation](arr)
+        tw, th = (th, tw) if info.orientation >= 5 else (tw, th)
+    if arr.shape[:2] != (th, tw):
+        arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((tw, th), Image.Resampling.LANCZOS))
+        why = f"{why}+resize" if why != "resize" else why
+    jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB",
+                                  colorsubsampling="420")
+    return Encoded(jpeg, tw, th, f"reencode:{why}")
 
 
 def _reencode(data: bytes, max_side: int | None, quality: int, max_pixels: int, why: str) -> Encoded:
