@@ -166,11 +166,8 @@ def target_size(w: int, h: int, max_side: int | None) -> tuple[int, int]:
     return max(1, round(w * s)), max(1, round(h * s))
 
 
-def try_passthrough(data: bytes, *, max_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    verify: str = "header") -> Encoded | None:
-    """The cheap part of normalize_image (magic bytes and JPEG header only, ~20 us): the Encoded result
-    when the file is kept byte for byte, None when it must be decoded (re-encoded or fully checked).
-    Raises BadImage for what the header already condemns (empty, HTML, unknown, malformed, bomb)."""
+def _image_kind(data: bytes) -> str:
+    """sniff(), raising BadImage for content that is no image at all."""
     if len(data) == 0:
         raise BadImage("empty file (0 bytes)")
     kind = sniff(data)
@@ -178,7 +175,15 @@ def try_passthrough(data: bytes, *, max_side: int | None = None, max_pixels: int
         raise BadImage("not an image: HTML/XML document")
     if kind == "unknown":
         raise BadImage("not an image: unrecognised content")
-    if kind != "jpeg":
+    return kind
+
+
+def try_passthrough(data: bytes, *, max_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    verify: str = "header") -> Encoded | None:
+    """The cheap part of normalize_image (magic bytes and JPEG header only, ~20 us): the Encoded result
+    when the file is kept byte for byte, None when it must be decoded (re-encoded or fully checked).
+    Raises BadImage for what the header already condemns (empty, HTML, unknown, malformed, bomb)."""
+    if _image_kind(data) != "jpeg":
         return None
     info = parse_jpeg(data)
     _check_size(info.width, info.height, max_pixels)
@@ -189,13 +194,7 @@ def try_passthrough(data: bytes, *, max_side: int | None = None, max_pixels: int
 
 def normalize_image(data: bytes, *, max_side: int | None = None, quality: int = 90,
                     max_pixels: int = DEFAULT_MAX_PIXELS, verify: str = "header") -> Encoded:
-    if len(data) == 0:
-        raise BadImage("empty file (0 bytes)")
-    kind = sniff(data)
-    if kind == "html":
-        raise BadImage("not an image: HTML/XML document")
-    if kind == "unknown":
-        raise BadImage("not an image: unrecognised content")
+    kind = _image_kind(data)
     if kind == "jpeg":
         info = parse_jpeg(data)
         _check_size(info.width, info.height, max_pixels)
