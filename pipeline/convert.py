@@ -27,7 +27,7 @@ import sys
 import threading
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from multiprocessing.pool import AsyncResult
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -266,15 +266,14 @@ def _results(jobs, pool, window: int):
     for job in jobs:
         r = _triage(job)
         if r is None:
-            r = pool.apply_async(_process, (job,)) if pool is not None else _process(job)
+            r = pool.submit(_process, job) if pool is not None else _process(job)
         pending.append(r)
-        while pending and (len(pending) > window or not isinstance(pending[0], AsyncResult)
-                           or pending[0].ready()):
+        while pending and (len(pending) > window or not isinstance(pending[0], Future) or pending[0].done()):
             head = pending.popleft()
-            yield head.get() if isinstance(head, AsyncResult) else head
+            yield head.result() if isinstance(head, Future) else head
     while pending:
         head = pending.popleft()
-        yield head.get() if isinstance(head, AsyncResult) else head
+        yield head.result() if isinstance(head, Future) else head
 
 
 # -------------------------------------------------------------------------------------------- state
@@ -359,7 +358,12 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
     jobs = ((str(src / rel), cfg.max_side, cfg.quality, cfg.max_pixels, cfg.verify)
             for rel, _ in sc.candidates[start:])
     # Created before any thread of ours (progress bar, writer threads) exists, so fork is usable.
-    pool = _pool_context().Pool(cfg.workers) if cfg.workers > 1 and start < len(sc.candidates) else None
+    pool = None
+    if cfg.workers > 1 and start < len(sc.candidates):
+        # concurrent.futures rather than multiprocessing.Pool: Pool.terminate() can deadlock while its
+        # task-feeder thread is blocked on a full pipe (seen when --strict stops a run early).
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=_pool_context())
+        pool.submit(int).result()  # start the workers now, before our own threads exist (fork safety)
     bar = tqdm(total=len(sc.candidates), initial=start, unit="img", desc=f"convert {cfg.split}",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.05)
     writer = None
@@ -423,7 +427,7 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
     finally:
         results.close()
         if pool is not None:
-            pool.terminate()  # now, not when the traceback is collected
+            pool.shutdown(wait=True, cancel_futures=True)  # now, not when the traceback is collected
         bar.close()
 
 
