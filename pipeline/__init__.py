@@ -1,0 +1,27 @@
+"""infoview data pipeline: converter (pipeline.convert) and multi-view loaders (pipeline.build_loader).
+
+Loader imports are lazy so that importing `pipeline.convert` (and its worker processes) does not pay
+for torch / DALI / ffcv.
+"""
+
+__all__ = ["build_loader", "RECIPES", "get_recipe", "RecipeSpec", "ViewSpec", "CropSpec", "JitterSpec",
+           "BlurSpec", "RandAugmentSpec", "ColorSpec", "sample_params", "EpochSampler"]
+
+
+def __getattr__(name):
+    if name == "build_loader":
+        from .loader import build_loader
+        return build_loader
+    if name in ("RECIPES", "get_recipe"):
+        from . import recipes
+        return getattr(recipes, name)
+    if name in ("RecipeSpec", "ViewSpec", "CropSpec", "JitterSpec", "BlurSpec", "RandAugmentSpec", "ColorSpec"):
+        from . import spec
+        return getattr(spec, name)
+    if name == "sample_params":
+        from .params import sample_params
+        return sample_params
+    if name == "EpochSampler":
+        from .sampler import EpochSampler
+        return EpochSampler
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

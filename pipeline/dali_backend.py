@@ -1,0 +1,175 @@
+"""DALI backend: decode each image once, crop + resize it once per parameter stream.
+
+Why bytes are fed through `fn.external_source` rather than read by `fn.readers.webdataset`: the reader
+shuffles with its own buffer and splits shards between ranks by shard, so neither the per-rank sample
+set nor the order is a function we control, and resuming after k batches cannot be exact. Here the
+loader decides the order (`pipeline.sampler`), reads each JPEG with one `os.pread` at the offset its
+shard's DALI index gives (`pipeline.shards.ShardIndex`), checks it (`jpeg_check`; a bad member is
+skipped and counted, never reaches the decoder), and feeds the bytes and per-sample crop windows
+(`roi_start` / `roi_end` argument inputs computed by `pipeline.params`) to the graph. `fn.readers.
+webdataset` over the same shards and index files is what `pipeline.bench` uses for decode-only
+throughput.
+
+Graph: external_source(bytes) -> decoders.image (device "mixed" = nvJPEG on the GPU when
+device="cuda", else CPU with device_id=None) -> per stream: resize(roi_start, roi_end, size) on the
+decoder's device. Flip and the photometric ops are `pipeline.torch_ops` on the target device.
+A producer thread runs read + check + params + DALI up to `prefetch` batches ahead of the consumer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backend_common import RawBatch, streams, take
+from .params import sample_params
+from .shards import BadSample, ShardIndex, check_jpeg
+from .spec import RecipeSpec
+
+
+class DaliBackend:
+    name = "dali"
+
+    def __init__(self, split_dir: str | Path, recipe: RecipeSpec, *, batch_size: int, device: str = "cpu",
+                 num_threads: int = 2, seed: int = 0, validate: str = "markers", prefetch: int = 2):
+        if validate not in ("markers", "decode"):
+            raise ValueError(f"validate={validate!r}: want 'markers' or 'decode'")
+        self.index = ShardIndex(split_dir)
+        self.recipe, self.batch_size, self.seed = recipe, batch_size, seed
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' but CUDA is not available")
+        self.num_threads, self.validate, self.prefetch = num_threads, validate, prefetch
+        self.streams = streams(recipe)
+        self._pipe = None
+
+    # -- graph ------------------------------------------------------------------------------------------
+    def _build(self):
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+        gpu = self.device.type == "cuda"
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
+                        device_id=(self.device.index or 0) if gpu else None,
+                        exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+        with pipe:
+            enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
+            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            outs = []
+            for s, v in self.streams.items():
+                size = self.recipe.views[v].size
+                rs = fn.external_source(name=f"roi_start{s}", dtype=types.FLOAT, ndim=1)
+                re = fn.external_source(name=f"roi_end{s}", dtype=types.FLOAT, ndim=1)
+                outs.append(fn.resize(img, roi_start=rs, roi_end=re, roi_relative=False, size=[size, size],
+                                      interp_type=types.INTERP_LINEAR, antialias=True))
+            pipe.set_outputs(*outs)
+        pipe.build()
+        return pipe
+
+    def _run(self, encoded: list[np.ndarray], params: list[dict]) -> dict[int, torch.Tensor]:
+        if self._pipe is None:
+            self._pipe = self._build()
+        pipe = self._pipe
+        pipe.feed_input("enc", encoded)
+        for s, v in self.streams.items():
+            box = params[v]["crop"].astype(np.float32)  # top, left, h, w
+            pipe.feed_input(f"roi_start{s}", list(box[:, :2]))
+            pipe.feed_input(f"roi_end{s}", list(box[:, :2] + box[:, 2:]))
+        outs = pipe.run()
+        crops = {}
+        for s, out in zip(self.streams, outs):
+            t = out.as_tensor()
+            if self.device.type == "cuda":
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+                dst = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
+                feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
+                crops[s] = dst
+            else:
+                crops[s] = torch.from_numpy(np.array(t))
+        return crops
+
+    # -- one batch --------------------------------------------------------------------------------------
+    def load(self, epoch: int, indices: np.ndarray) -> RawBatch:
+        encoded, keep, labels, hs, ws, skipped = [], [], [], [], [], []
+        for i in indices.tolist():
+            data, label = self.index.read(i)
+            arr = np.frombuffer(data, np.uint8)
+            try:
+                h, w = check_jpeg(arr, self.validate)
+            except BadSample as e:
+                skipped.append((i, str(e)))
+                continue
+            encoded.append(arr)
+            keep.append(i)
+            labels.append(label)
+            hs.append(h)
+            ws.append(w)
+        keep_a = np.asarray(keep, np.int64)
+        params = sample_params(self.recipe, self.seed, epoch, keep_a, np.asarray(ws), np.asarray(hs))
+        if not keep:
+            return RawBatch(crops={}, index=keep_a, label=np.zeros(0, np.int64), params=params, skipped=skipped)
+        try:
+            crops = self._run(encoded, params)
+        except Exception:
+            # A decoder error despite the check: find the culprits with a strict decode, rebuild the
+            # graph (its state after an error is not to be trusted) and run the rest again.
+            self._pipe = None
+            ok = []
+            for j, i in enumerate(keep):
+                try:
+                    check_jpeg(encoded[j], "decode")
+                    ok.append(j)
+                except BadSample as e:
+                    skipped.append((i, str(e)))
+            if len(ok) == len(keep):
+                raise
+            ok_a = np.asarray(ok, np.int64)
+            encoded = [encoded[j] for j in ok]
+            keep_a, labels, params = keep_a[ok_a], [labels[j] for j in ok], take(params, ok_a)
+            crops = self._run(encoded, params) if ok else {}
+        return RawBatch(crops=crops, index=keep_a, label=np.asarray(labels, np.int64), params=params,
+                        skipped=skipped)
+
+    def iterate(self, epoch: int, batches: list[np.ndarray]):
+        """RawBatches for `batches`, produced by a thread up to `prefetch` ahead."""
+        q: queue.Queue = queue.Queue(max(1, self.prefetch))
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def produce():
+            try:
+                for b in batches:
+                    if not put(self.load(epoch, b)):
+                        return
+                put(None)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(e)
+
+        th = threading.Thread(target=produce, daemon=True, name="dali-producer")
+        th.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            th.join()
+
+    def close(self):
+        self._pipe = None
+        self.index.close()

@@ -1,0 +1,165 @@
+"""ffcv backend: ffcv's `Loader` over the .beton, with a decoder that cuts every view from one decode.
+
+`ViewCropDecoder` is an ffcv `Operation` for the image field. Per sample, in ffcv's JIT (numba,
+parallel over the batch): `jpeg_check` (the same structural check as the DALI path; a failing sample is
+flagged, not decoded), one `imdecode` of the full image, then for each parameter stream one
+`resize_crop` (OpenCV INTER_AREA) of the window that `pipeline.params.crop_box` gives for (seed, epoch,
+global index, stream) -- the very function the DALI backend and the parameter records use, so both
+backends crop the same windows. Why not ffcv's `RandomResizedCropRGBImageDecoder`: it draws crops from
+its own unseeded generator (not reproducible, not resumable, no record) and gives one view per decode.
+Why not decode at a fixed size and crop in torch: a small crop of a downscaled image loses resolution.
+
+The output of the decoder is one flat uint8 row per sample: the views' pixels back to back and a last
+byte that is 1 when the sample decoded. The loader drops flagged rows and counts them.
+
+Order and partition: `order=SEQUENTIAL` with `indices=` this rank's remaining order for the epoch
+(ffcv's non-distributed Sequential order returns `indices` as given). (seed, epoch) are constants of
+the decoder's compiled code, so a new ffcv Loader (and a numba compile, ~1-2 s) is made per epoch and
+per resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dataset_format as fmt
+from .backend_common import RawBatch, streams
+from .params import crop_args, crop_box, sample_key, sample_params
+from .shards import ShardError, jpeg_check
+from .spec import RecipeSpec
+
+
+def _decoder_class():
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+
+    class ViewCropDecoder(Operation):
+        def __init__(self, geoms: list[tuple], seed: int, epoch: int):
+            """geoms: per stream (stream id, size, kind, smin, smax, rmin, rmax, center_fraction)."""
+            super().__init__()
+            self.geoms, self.seed, self.epoch = geoms, seed, epoch
+            self.total = sum(g[1] * g[1] * 3 for g in geoms)
+
+        def declare_state_and_memory(self, previous_state):
+            max_w = np.uint64(self.metadata["width"].max())
+            max_h = np.uint64(self.metadata["height"].max())
+            shape = (self.total + 1,)
+            return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
+                    (AllocationQuery(shape, np.dtype("<u1")),
+                     AllocationQuery((max_h * max_w * np.uint64(3),), np.dtype("<u1"))))
+
+        def generate_code(self):
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            g = np.array([[s, size, kind, 0, 0, 0, 0, 0] for s, size, kind, *_ in self.geoms], np.int64)
+            gf = np.array([[smin, smax, rmin, rmax, cf] for *_, smin, smax, rmin, rmax, cf in self.geoms])
+            nstreams = len(self.geoms)
+            seed, epoch, total = np.uint64(self.seed), np.uint64(self.epoch), self.total
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.int64(field["height"])
+                    width = np.int64(field["width"])
+                    row = destination[dst_ix]
+                    code, _, _ = jpeg_check(image_data)
+                    if code != 0:
+                        row[total] = 0
+                        continue
+                    temp = temp_storage[dst_ix]
+                    r = imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
+                    if r != 0:
+                        row[total] = 0
+                        continue
+                    img = temp.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    off = 0
+                    for k in range(nstreams):
+                        size = g[k, 1]
+                        key = sample_key(seed, epoch, np.uint64(source_ix), np.uint64(g[k, 0]))
+                        y, x, h, w = crop_box(key, width, height, g[k, 2], gf[k, 0], gf[k, 1], gf[k, 2],
+                                              gf[k, 3], gf[k, 4])
+                        dst = row[off:off + size * size * 3].reshape(size, size, 3)
+                        resize_crop_c(img, y, y + h, x, x + w, dst)
+                        off += size * size * 3
+                    row[total] = 1
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return ViewCropDecoder
+
+
+class FfcvBackend:
+    name = "ffcv"
+
+    def __init__(self, split_dir: str | Path, recipe: RecipeSpec, *, batch_size: int, device: str = "cpu",
+                 num_threads: int = 2, seed: int = 0, prefetch: int = 2):
+        self.dir = Path(split_dir)
+        manifest = fmt.load_manifest(self.dir)
+        if not manifest.get("beton"):
+            raise ShardError(f"{self.dir}: the manifest lists no .beton (converted without 'ffcv')")
+        self.path = self.dir / manifest["beton"]["file"]
+        if not self.path.is_file():
+            raise ShardError(f".beton file {self.path} is missing (listed in {self.dir / fmt.MANIFEST})")
+        from ffcv.reader import Reader
+        try:
+            reader = Reader(str(self.path))
+        except Exception as e:
+            raise ShardError(f"cannot read .beton file {self.path}: {e}") from e
+        image = reader.metadata[f"f{list(reader.handlers).index('image')}"]  # ffcv names columns f<k>
+        self.widths = image["width"].astype(np.int64)
+        self.heights = image["height"].astype(np.int64)
+        self.recipe, self.batch_size, self.seed = recipe, batch_size, seed
+        self.device = torch.device(device)
+        self.num_threads, self.prefetch = num_threads, prefetch
+        self.streams = streams(recipe)
+        self.geoms = [(s, recipe.views[v].size, *crop_args(recipe.views[v])) for s, v in self.streams.items()]
+        self._Decoder = _decoder_class()
+
+    def iterate(self, epoch: int, batches: list[np.ndarray]):
+        if not batches:
+            return
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+        order = np.concatenate(batches).astype(np.uint64)
+        loader = Loader(str(self.path), batch_size=self.batch_size, num_workers=self.num_threads,
+                        order=OrderOption.SEQUENTIAL, indices=order, drop_last=False, os_cache=True,
+                        batches_ahead=self.prefetch,
+                        pipelines={"image": PipelineSpec("image", decoder=self._Decoder(self.geoms, self.seed, epoch)),
+                                   "label": [IntDecoder()], "index": [IntDecoder()]})
+        sizes = [g[1] for g in self.geoms]
+        for b, (flat, label, index) in zip(batches, loader):
+            flat, label, index = np.asarray(flat), np.asarray(label), np.asarray(index)
+            idx = index.reshape(-1).astype(np.int64)
+            if not np.array_equal(idx, b):
+                raise RuntimeError("ffcv returned samples out of the requested order")
+            ok = flat[:, -1].astype(bool)
+            skipped = [(int(i), "JPEG failed the structural check or decode") for i in idx[~ok]]
+            keep = idx[ok]
+            flat_ok = torch.from_numpy(flat[ok]).to(self.device)  # a copy: ffcv reuses its buffers
+            crops, off = {}, 0
+            for (s, _), size in zip(self.streams.items(), sizes):
+                n = size * size * 3
+                crops[s] = flat_ok[:, off:off + n].reshape(-1, size, size, 3)
+                off += n
+            params = sample_params(self.recipe, self.seed, epoch, keep, self.widths[keep], self.heights[keep])
+            yield RawBatch(crops=crops, index=keep, label=label.reshape(-1)[ok].astype(np.int64),
+                           params=params, skipped=skipped)
+
+    def close(self):
+        pass
+
+

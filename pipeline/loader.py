@@ -1,0 +1,152 @@
+"""`build_loader`: multi-view batches from a converted split, with exact distributed order and resume.
+
+    loader = build_loader(data="OUT", split="train", recipe="simclr", backend="dali", batch_size=256,
+                          rank=rank, world_size=world, seed=0, device="cuda")
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:          # {"views": [B x C x H x W, ...], "index": int64[B], "label": int64[B]}
+            ...
+        ckpt["loader"] = loader.state_dict()   # at any batch boundary
+
+Every batch of every backend has the same form: "views" (one float32 tensor per view of the recipe, on
+`device`, normalized as the view's ColorSpec says), "index" and "label" (int64 CPU tensors), and with
+`return_aug=True` an "aug" list with the parameter record of each view (crop box top/left/h/w in source
+pixels, flip, jitter factors and order, grayscale, blur sigma, solarize, RandAugment ops) as tensors.
+
+Order and partition: `pipeline.sampler.EpochSampler` (each sample to exactly one rank per epoch; the
+remainder is dropped for training, kept for the `eval` recipe). Randomness: `pipeline.params` (a pure
+function of seed, epoch, global index and view). State: {epoch, batch}; a loader given another's state
+after k batches yields exactly the batches the other would have yielded next.
+
+Skipped members: a batch whose members fail the JPEG check is shorter by that many samples (the
+sample is not replaced, so the epoch partition stays exact); `loader.stats` counts them and keeps the
+first 1000 (index, reason) pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import torch_ops
+from .backend_common import RawBatch
+from .recipes import get_recipe
+from .sampler import EpochSampler
+from .shards import ShardError
+from .spec import RecipeSpec
+
+BACKENDS = ("dali", "ffcv")
+STATE_VERSION = 1
+
+
+class ViewLoader:
+    def __init__(self, backend, recipe: RecipeSpec, sampler: EpochSampler, device: torch.device,
+                 return_aug: bool):
+        self.backend, self.recipe, self.sampler = backend, recipe, sampler
+        self.device, self.return_aug = device, return_aug
+        self.epoch, self.batch = 0, 0
+        self.stats = {"batches": 0, "samples": 0, "skipped": 0, "skipped_samples": []}
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch}: must be >= 0")
+        self.epoch, self.batch = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch, "seed": s.seed,
+                "rank": s.rank, "world_size": s.world_size, "batch_size": s.batch_size,
+                "num_samples": s.num_samples, "recipe": self.recipe.name}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')}, this code reads {STATE_VERSION}")
+        mine = self.state_dict()
+        for k in ("seed", "world_size", "batch_size", "num_samples", "recipe"):
+            if state[k] != mine[k]:
+                raise ValueError(f"loader state has {k}={state[k]!r}, this loader {mine[k]!r}: resuming would "
+                                 f"not reproduce the original order")
+        if not 0 <= state["batch"] <= len(self):
+            raise ValueError(f"loader state batch={state['batch']} outside 0..{len(self)}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self):
+        """The batches of the current epoch from the current position; afterwards the loader is at the
+        start of the next epoch (so set_epoch is optional)."""
+        epoch, start = self.epoch, self.batch
+        for raw in self.backend.iterate(epoch, self.sampler.batches(epoch, start)):
+            out = self._finish(raw)
+            self.batch += 1
+            yield out
+        self.epoch, self.batch = epoch + 1, 0
+
+    def _finish(self, raw: RawBatch) -> dict:
+        st = self.stats
+        st["batches"] += 1
+        st["samples"] += len(raw.index)
+        st["skipped"] += len(raw.skipped)
+        st["skipped_samples"].extend(raw.skipped[: max(0, 1000 - len(st["skipped_samples"]))])
+        views, done = [], {}
+        for v, view in enumerate(self.recipe.views):
+            s = self.recipe.param_stream(v)
+            if s not in done:
+                if len(raw.index):
+                    done[s] = torch_ops.photometric(raw.crops[s].to(self.device), raw.params[v], view)
+                else:
+                    done[s] = torch.zeros(0, 3, view.size, view.size, device=self.device)
+            views.append(torch_ops.to_output(done[s], view.color))
+        batch = {"views": views, "index": torch.from_numpy(raw.index.astype(np.int64)),
+                 "label": torch.from_numpy(raw.label.astype(np.int64))}
+        if self.return_aug:
+            batch["aug"] = [{k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in rec.items()}
+                            for rec in raw.params]
+        return batch
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def build_loader(data: str | Path, split: str = "train", recipe: str | RecipeSpec = "simclr",
+                 backend: str = "dali", *, batch_size: int, image_size: int = 224, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: str = "cpu", num_threads: int = 2,
+                 shuffle: bool | None = None, drop_last: bool | None = None, return_aug: bool = False,
+                 validate: str = "markers", prefetch: int = 2) -> ViewLoader:
+    """A multi-view loader over OUT/<split> (see the module docstring).
+
+    recipe: a name of pipeline.RECIPES (built at `image_size`) or a RecipeSpec. backend: "dali" (shards
+    + DALI decode, GPU decode and resize when device="cuda") or "ffcv" (the .beton). num_threads: DALI
+    threads / ffcv workers. shuffle / drop_last default to True for training recipes and False for
+    "eval". validate: "markers" (structural JPEG check, cheap) or "decode" (also a strict decode; DALI).
+    """
+    spec = get_recipe(recipe, image_size)
+    is_eval = spec.name == "eval"
+    shuffle = (not is_eval) if shuffle is None else shuffle
+    drop_last = (not is_eval) if drop_last is None else drop_last
+    split_dir = Path(data) / split
+    if not split_dir.is_dir():
+        raise ShardError(f"{split_dir} does not exist: no converted split {split!r} under {data}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    if backend == "dali":
+        from .dali_backend import DaliBackend
+        be = DaliBackend(split_dir, spec, batch_size=batch_size, device=device, num_threads=num_threads,
+                         seed=seed, validate=validate, prefetch=prefetch)
+        n = be.index.num_samples
+    elif backend == "ffcv":
+        if validate != "markers":
+            raise ValueError("backend='ffcv' supports validate='markers' only")
+        from .ffcv_backend import FfcvBackend
+        be = FfcvBackend(split_dir, spec, batch_size=batch_size, device=device, num_threads=num_threads,
+                         seed=seed, prefetch=prefetch)
+        n = len(be.widths)
+    else:
+        raise KeyError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    sampler = EpochSampler(num_samples=n, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                           shuffle=shuffle, drop_last=drop_last)
+    return ViewLoader(be, spec, sampler, dev, return_aug)

@@ -1,0 +1,263 @@
+"""End-to-end loaders on the small converted split (CPU): shapes, order, resume, faults, agreement."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+from PIL import Image
+
+from pipeline import build_loader
+from pipeline.recipes import RECIPES, get_recipe
+from pipeline.shards import ShardError, ShardIndex
+from pipeline.spec import ColorSpec, RecipeSpec, ViewSpec, CropSpec
+from pipeline.wds_writer import ShardWriter, iter_shard
+
+S = 32  # image size in tests
+RANGES = {"rgb": [(0, 1)] * 3, "lab": [(0, 100), (-87, 99), (-108, 95)], "ycbcr": [(16, 235), (16, 240), (16, 240)],
+          "ydbdr": [(0, 1), (-1.334, 1.334), (-1.334, 1.334)]}
+
+
+def _split(converted):
+    split_dir, manifest, _ = converted
+    return split_dir.parent, manifest
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_shapes_dtypes_normalization(converted, name):
+    data, manifest = _split(converted)
+    loader = build_loader(data, recipe=name, backend="dali", batch_size=8, image_size=S)
+    recipe = get_recipe(name, S)
+    batch = next(iter(loader))
+    assert len(batch["views"]) == len(recipe.views)
+    for v, view in zip(batch["views"], recipe.views):
+        assert v.shape == (8, len(view.color.channels), view.size, view.size) and v.dtype == torch.float32
+        assert torch.isfinite(v).all()
+        # undo the normalization: values lie in the colour space's range
+        mean = torch.tensor(view.color.mean)[None, :, None, None]
+        std = torch.tensor(view.color.std)[None, :, None, None]
+        raw = v * std + mean
+        for c, ch in enumerate(view.color.channels):
+            lo, hi = RANGES[view.color.space][ch]
+            assert raw[:, c].min() >= lo - 1e-3 and raw[:, c].max() <= hi + 1e-3, (c, raw[:, c].aminmax())
+    assert batch["index"].dtype == torch.int64 and batch["label"].dtype == torch.int64
+    assert ((batch["label"] >= 0) & (batch["label"] < manifest["num_classes"])).all()
+
+
+def test_views_differ_and_labels_match(converted):
+    data, _ = _split(converted)
+    idx = ShardIndex(data / "train")
+    batch = next(iter(build_loader(data, recipe="simclr", batch_size=8, image_size=S)))
+    a, b = batch["views"]
+    assert ((a - b).abs().flatten(1).mean(1) > 0.05).all()
+    for i, lab in zip(batch["index"].tolist(), batch["label"].tolist()):
+        assert idx.read(i)[1] == lab
+
+
+def _epoch(loader):
+    return [(b["index"].clone(), [v.clone() for v in b["views"]]) for b in loader]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and all(torch.equal(p, q) for p, q in zip(x[1], y[1]))
+                                    for x, y in zip(a, b))
+
+
+def test_determinism_epoch_and_resume(converted):
+    data, _ = _split(converted)
+    mk = lambda seed=0: build_loader(data, recipe="byol", batch_size=8, image_size=S, seed=seed)
+    l1 = mk()
+    e0 = _epoch(l1)
+    assert l1.state_dict()["epoch"] == 1  # finishing an epoch moves to the next one
+    assert _same(e0, _epoch(mk()))
+    assert not torch.equal(_epoch(mk(seed=1))[0][0], e0[0][0])
+    l1.set_epoch(1)
+    e1 = _epoch(l1)
+    assert not torch.equal(e1[0][0], e0[0][0])
+    s0, s1 = (torch.cat([b[0] for b in e]).tolist() for e in (e0, e1))
+    assert len(set(s0)) == len(s0) == len(set(s1)) == len(s1)  # each sample at most once per epoch
+    # resume after k batches: the remaining batches are exactly those of the uninterrupted run
+    l2 = mk()
+    l2.set_epoch(1)
+    it = iter(l2)
+    for _ in range(3):
+        next(it)
+    state = l2.state_dict()
+    assert state["batch"] == 3
+    l3 = mk()
+    l3.load_state_dict(json.loads(json.dumps(state)))
+    assert _same(_epoch(l3), e1[3:])
+    with pytest.raises(ValueError, match="seed"):
+        mk(seed=5).load_state_dict(state)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_cover_the_epoch_once(converted, world):
+    data, manifest = _split(converted)
+    n = manifest["num_samples"]
+    seen = []
+    lens = set()
+    for r in range(world):
+        loader = build_loader(data, recipe="simclr", batch_size=4, image_size=16, rank=r, world_size=world, seed=2)
+        loader.set_epoch(1)
+        ep = _epoch(loader)
+        lens.add(len(ep))
+        seen += torch.cat([b[0] for b in ep]).tolist()
+    assert len(lens) == 1
+    assert len(seen) == len(set(seen))
+    per = n // world
+    assert len(seen) == world * (per // 4) * 4
+
+
+def test_eval_covers_everything_in_order(converted):
+    data, manifest = _split(converted)
+    loader = build_loader(data, recipe="eval", batch_size=16, image_size=S)
+    assert torch.cat([b["index"] for b in loader]).tolist() == list(range(manifest["num_samples"]))
+
+
+def test_cmc_lab_matches_independent_conversion(converted):
+    data, _ = _split(converted)
+    lab = get_recipe("cmc_lab", S)
+    rgb = RecipeSpec(name="cmc_lab", views=(lab.views[0].augmentation(),))  # same draw, RGB output
+    kw = dict(batch_size=8, seed=4)
+    b_lab = next(iter(build_loader(data, recipe=lab, **kw)))
+    b_rgb = next(iter(build_loader(data, recipe=rgb, **kw)))
+    assert torch.equal(b_lab["index"], b_rgb["index"])
+    x = (b_rgb["views"][0].double() * torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)[None, :, None, None]
+         + torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)[None, :, None, None]).numpy()
+    # sRGB -> XYZ (D65) -> Lab, written out from the CIE definitions
+    lin = np.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    m = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
+    xyz = np.einsum("ij,njhw->nihw", m, lin) / np.array([0.95047, 1.0, 1.08883])[None, :, None, None]
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    L, a, bb = 116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])
+    got_L = b_lab["views"][0][:, 0].double() * lab.views[0].color.std[0] + lab.views[0].color.mean[0]
+    ab_view = lab.views[1].color
+    got_ab = b_lab["views"][1].double() * torch.tensor(ab_view.std, dtype=torch.float64)[None, :, None, None] \
+        + torch.tensor(ab_view.mean, dtype=torch.float64)[None, :, None, None]
+    assert np.abs(got_L.numpy() - L).max() < 0.05
+    assert np.abs(got_ab[:, 0].numpy() - a).max() < 0.1 and np.abs(got_ab[:, 1].numpy() - bb).max() < 0.1
+
+
+def _plain(crop_kind="random_resized", flip_p=0.0, size=S):
+    return RecipeSpec(name="plain", views=(ViewSpec(crop=CropSpec(kind=crop_kind, size=size), flip_p=flip_p,
+                                                    color=ColorSpec(mean=(0, 0, 0), std=(1, 1, 1))),))
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_applied_crop_and_flip_match_the_record(converted, backend):
+    """The output equals an independent PIL crop + resize of the recorded box, flipped as recorded."""
+    data, _ = _split(converted)
+    idx = ShardIndex(data / "train")
+    nt = 1 if backend == "ffcv" else 2
+    b0 = next(iter(build_loader(data, recipe=_plain(), backend=backend, batch_size=8, return_aug=True, num_threads=nt)))
+    b1 = next(iter(build_loader(data, recipe=_plain(flip_p=1.0), backend=backend, batch_size=8, return_aug=True,
+                                num_threads=nt)))
+    assert torch.equal(b0["aug"][0]["crop"], b1["aug"][0]["crop"]) and b1["aug"][0]["flip"].all()
+    assert torch.equal(b1["views"][0], b0["views"][0].flip(-1))
+    for k, i in enumerate(b0["index"].tolist()):
+        y, x, h, w = b0["aug"][0]["crop"][k].tolist()
+        im = Image.open(__import__("io").BytesIO(idx.read(i)[0])).convert("RGB")
+        ref = np.asarray(im.crop((x, y, x + w, y + h)).resize((S, S), Image.BILINEAR), np.float32) / 255
+        got = b0["views"][0][k].permute(1, 2, 0).numpy()
+        assert np.abs(got - ref).mean() < 0.03, (k, np.abs(got - ref).mean())
+
+
+def test_dali_and_ffcv_agree(converted):
+    """Same records (by construction) and, per sample, nearly the same pixels (the resize filters differ:
+    DALI linear + antialias, ffcv OpenCV INTER_AREA); per-channel statistics of the full simclr recipe
+    over an epoch agree."""
+    data, _ = _split(converted)
+    kw = dict(batch_size=8, image_size=S, seed=9, return_aug=True)
+    d = list(build_loader(data, recipe="simclr", backend="dali", **kw))
+    f = list(build_loader(data, recipe="simclr", backend="ffcv", num_threads=1, **kw))
+    assert len(d) == len(f)
+    for bd, bf in zip(d, f):
+        assert torch.equal(bd["index"], bf["index"]) and torch.equal(bd["label"], bf["label"])
+        for rd, rf in zip(bd["aug"], bf["aug"]):
+            assert all(torch.equal(rd[k], rf[k]) for k in rd)
+        for vd, vf in zip(bd["views"], bf["views"]):
+            assert (vd - vf).abs().mean() < 0.15  # normalized units (~0.03 in [0, 1])
+    md = torch.stack([torch.cat([b["views"][0] for b in d]).mean((0, 2, 3)), torch.cat([b["views"][0] for b in d]).std((0, 2, 3))])
+    mf = torch.stack([torch.cat([b["views"][0] for b in f]).mean((0, 2, 3)), torch.cat([b["views"][0] for b in f]).std((0, 2, 3))])
+    assert (md - mf).abs().max() < 0.05
+
+
+def _corrupt(jpeg: bytes, seed=0) -> bytes:
+    """Keep the headers (SOI .. SOS), replace the entropy-coded data with random bytes, keep the EOI."""
+    b = bytearray(jpeg)
+    sos = b.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(b[sos + 2:sos + 4], "big")
+    b[start:-2] = np.random.default_rng(seed).integers(0, 256, len(b) - 2 - start, dtype=np.uint8).tobytes()
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def corrupt_split(converted, tmp_path_factory):
+    """A copy of the split whose sample 5 (in shard 0) has a corrupt .jpg member."""
+    split_dir, manifest, _ = converted
+    out = tmp_path_factory.mktemp("corrupt") / "train"
+    shutil.copytree(split_dir, out)
+    sh = manifest["shards"][0]
+    assert sh["first_index"] <= 5 < sh["first_index"] + sh["num_samples"]
+    samples = list(iter_shard(split_dir / sh["tar"]))
+    (out / sh["tar"]).unlink()
+    (out / sh["idx"]).unlink()
+    w = ShardWriter(out / sh["tar"], out / sh["idx"])
+    for key, members in samples:
+        if int(key) == 5:
+            members = {**members, "jpg": _corrupt(members["jpg"])}
+        w.add(key, members)
+    w.close()
+    return out.parent
+
+
+def test_corrupt_member_is_skipped_and_counted(corrupt_split, converted):
+    _, manifest, _ = converted
+    hdr = simplejpeg.decode_jpeg_header(ShardIndex(corrupt_split / "train").read(5)[0])
+    assert hdr[0] > 0  # the header is still valid: only the scan data is garbage
+    loader = build_loader(corrupt_split, recipe="eval", batch_size=8, image_size=S)
+    seen = torch.cat([b["index"] for b in loader]).tolist()
+    assert seen == [i for i in range(manifest["num_samples"]) if i != 5]
+    assert loader.stats["skipped"] == 1 and loader.stats["skipped_samples"][0][0] == 5
+    assert "entropy" in loader.stats["skipped_samples"][0][1]
+
+
+def test_missing_shard_names_it(converted, tmp_path):
+    split_dir, manifest, _ = converted
+    out = tmp_path / "train"
+    shutil.copytree(split_dir, out)
+    victim = manifest["shards"][1]["tar"]
+    (out / victim).unlink()
+    with pytest.raises(ShardError, match=victim):
+        build_loader(tmp_path, recipe="simclr", batch_size=4)
+    with pytest.raises(ShardError, match="does not exist"):
+        build_loader(tmp_path, split="nope", recipe="simclr", batch_size=4)
+
+
+def test_bad_arguments_fail_loudly(converted):
+    data, _ = _split(converted)
+    with pytest.raises(KeyError, match="dali"):
+        build_loader(data, backend="pil", batch_size=4)
+    with pytest.raises(ValueError, match="rank"):
+        build_loader(data, batch_size=4, rank=2, world_size=2)
+    with pytest.raises(KeyError, match="known"):
+        build_loader(data, recipe="simclr++", batch_size=4)
+
+
+def test_ffcv_resume_and_partition(converted):
+    """ffcv: the resumed loader yields exactly the remaining batches; two ranks are disjoint."""
+    data, _ = _split(converted)
+    mk = lambda rank=0: build_loader(data, recipe="mocov2", backend="ffcv", batch_size=8, image_size=16, seed=3,
+                                     rank=rank, world_size=2, num_threads=1)
+    full = _epoch(mk())
+    resumed = mk()
+    resumed.load_state_dict({**resumed.state_dict(), "batch": 2})
+    assert _same(_epoch(resumed), full[2:])
+    other = torch.cat([b[0] for b in _epoch(mk(rank=1))]).tolist()
+    assert not set(other) & set(torch.cat([b[0] for b in full]).tolist())
