@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench-convert clean
+.PHONY: setup test demo bench-convert bench-pipeline bench-kernels clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -18,6 +18,12 @@ demo: setup
 
 bench-convert: setup
 	$(PY) tools/bench_convert.py
+
+bench-pipeline: setup
+	$(PY) -m pipeline.bench
+
+bench-kernels: setup
+	$(PY) -m kernels.bench
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
