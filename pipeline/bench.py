@@ -183,10 +183,17 @@ def main(argv=None):
     torch.set_num_threads(Wk)
 
     def loader(backend, device="cpu"):
+        # One loader for the whole run, advanced with set_epoch() as a trainer does: building a new
+        # one per epoch would time graph construction / JIT compilation instead of throughput.
+        ld = build_loader(split.parent, recipe="simclr", backend=backend, batch_size=B, image_size=224,
+                          num_threads=Wk, device=device)
+
         def gen():
+            epoch = 0
             while True:
-                yield from _count(build_loader(split.parent, recipe="simclr", backend=backend, batch_size=B,
-                                               image_size=224, num_threads=Wk, device=device))
+                ld.set_epoch(epoch)
+                yield from _count(ld)
+                epoch += 1
         return gen()
 
     rows = {
