@@ -1,0 +1,226 @@
+"""Trainer units on random tensors: config, registry, models/export, methods, schedules, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train import checkpoint as ckpt
+from train import config
+from train.methods import get_method, known, method_defaults
+from train.models import ResNet, build_backbone, export_backbone, load_backbone
+from train.optim import LARS, cosine_schedule
+
+TINY = {"arch": "resnet18", "width": 8, "cifar_stem": True, "proj_hidden": 64, "pred_hidden": 64,
+        "proj_dim": 32, "queue_size": 64, "nce_k": 32}
+
+
+def tiny_cfg(method: str, **kw) -> config.Config:
+    return config.build({"method": method, **TINY, **kw}, method_defaults(method))
+
+
+# -- config ------------------------------------------------------------------------------------
+def test_config_unknown_and_invalid_fail(tmp_path):
+    with pytest.raises(config.ConfigError, match="unknown config key.*lrr"):
+        config.build({"lrr": 1})
+    with pytest.raises(config.ConfigError, match="'lr'.*not a number"):
+        config.build({"lr": "abc"})
+    with pytest.raises(config.ConfigError, match="'optimizer'.*choose from"):
+        config.build({"optimizer": "rmsprop"})
+    with pytest.raises(config.ConfigError, match="'epochs'"):
+        config.build({"epochs": 0})
+    with pytest.raises(config.ConfigError, match="'batch_size'.*not an int"):
+        config.build({"batch_size": 1.5})
+    bad = tmp_path / "run.yaml"
+    bad.write_text("optim:\n  lr: 0.1\n  momentumm: 0.9\n")
+    with pytest.raises(config.ConfigError, match="momentumm"):
+        config.parse(["--config", str(bad)], method_defaults)
+
+
+def test_config_precedence_file_and_flags(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("batch-size: 64\noptim:\n  lr: 0.5\nmethod: mocov2\n")
+    cfg = config.parse(["--config", str(f), "--lr", "0.7", "--cifar-stem"], method_defaults)
+    assert cfg.data.batch_size == 64 and cfg.optim.lr == 0.7 and cfg.model.cifar_stem is True
+    assert cfg.run.method == "mocov2" and cfg.method.queue_size == 65536  # the method's default
+    assert cfg.method.temperature == pytest.approx(0.2)
+    cfg2 = config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert cfg2 == cfg
+
+
+def test_unknown_method_lists_known():
+    with pytest.raises(KeyError, match="known: byol, cmc, infomin, instdisc, mocov2, simclr"):
+        get_method("swav")
+    with pytest.raises(KeyError, match="unknown method"):
+        config.parse(["--method", "swav"], method_defaults)
+
+
+# -- models ------------------------------------------------------------------------------------
+def test_resnet_torchvision_names_and_shapes():
+    r50 = ResNet("resnet50")
+    sd = r50.state_dict()
+    assert len(sd) == 318  # torchvision resnet50: 320 entries including fc.weight / fc.bias
+    assert sd["layer4.2.bn3.running_var"].shape == (2048,)
+    assert sd["layer1.0.downsample.0.weight"].shape == (256, 64, 1, 1)
+    assert "layer1.0.downsample.1.num_batches_tracked" in sd and r50.feat_dim == 2048
+    r18 = ResNet("resnet18", width=16, cifar_stem=True)
+    assert len(r18.state_dict()) == 120 and r18(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    with pytest.raises(ValueError, match="known: resnet18"):
+        ResNet("vgg")
+
+
+def test_export_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", 8, True).eval()
+    export_backbone(net, str(tmp_path / "b.safetensors"))
+    back = load_backbone(str(tmp_path / "b.safetensors")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(net(x), back(x))
+    cmc = build_backbone("resnet18", 8, True, channels=[1, 2]).eval()
+    export_backbone(cmc, str(tmp_path / "c.safetensors"))
+    back = load_backbone(str(tmp_path / "c.safetensors")).eval()
+    xs = [torch.randn(2, 1, 32, 32), torch.randn(2, 2, 32, 32)]
+    assert torch.equal(cmc(xs), back(xs))
+
+
+def test_export_loads_into_torchvision(tmp_path):
+    tv = pytest.importorskip("torchvision")
+    from safetensors.torch import load_file
+    net = build_backbone("resnet50")
+    export_backbone(net, str(tmp_path / "b.safetensors"))
+    m = tv.models.resnet50()
+    res = m.load_state_dict(load_file(str(tmp_path / "b.safetensors")), strict=False)
+    assert set(res.missing_keys) == {"fc.weight", "fc.bias"} and not res.unexpected_keys
+    m.eval(), net.eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = torch.nn.Sequential(*list(m.children())[:-1])(x).flatten(1)
+    torch.testing.assert_close(feats, net(x))
+
+
+# -- methods -----------------------------------------------------------------------------------
+CASES = [("simclr", {}), ("mocov2", {}), ("infomin", {}), ("byol", {}), ("instdisc", {}),
+         ("instdisc", {"nce_mode": "nce", "temperature": 0.5}), ("cmc", {}), ("cmc", {"cmc_negatives": "batch"})]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{'-'.join(map(str, k.values())) or 'default'}"
+                                                for n, k in CASES])
+def test_method_loss_falls_on_fixed_batch(name, kw):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(name, **kw)
+    chans = [1, 2] if name == "cmc" else [3, 3]
+    m = get_method(name)(cfg, 64, 20, chans)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    base = torch.randn(16, 3, 16, 16)
+    views = [base[:, :c] + 0.1 * torch.randn(16, c, 16, 16) for c in chans]
+    idx = torch.arange(16) * 3
+    losses = []
+    # MoCo's step-0 queue is random noise (easy negatives): judge the loss once real keys filled it.
+    start = cfg.method.queue_size // 16 if name in ("mocov2", "infomin") else 0
+    for s in range(start + 8):
+        loss, _ = m(views, idx, s)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.after_step(s)
+        losses.append(loss.item())
+    assert np.mean(losses[-2:]) < losses[start], losses
+
+
+def test_cmc_multiview_objectives():
+    from train.methods.cmc import pair_indices
+    assert pair_indices(4, "core") == [(0, 1), (0, 2), (0, 3)]
+    assert len(pair_indices(4, "full")) == 6
+    torch.manual_seed(0)
+    for obj in ("core", "full"):
+        m = get_method("cmc")(tiny_cfg("cmc", cmc_objective=obj), 32, 5, [1, 2, 3])
+        views = [torch.randn(8, c, 16, 16) for c in (1, 2, 3)]
+        loss, _ = m(views, torch.arange(8), 0)
+        loss.backward()
+        assert torch.isfinite(loss) and len(m.memories) == 3
+        assert all(p.grad is not None for p in m.backbone.encoders[2].parameters())
+
+
+def test_banks_and_queue_are_persistent_state():
+    m = get_method("mocov2")(tiny_cfg("mocov2"), 64, 5, [3, 3])
+    sd = m.state_dict()
+    assert "queue.keys" in sd and sd["queue.ptr"].dtype == torch.long
+    m2 = get_method("instdisc")(tiny_cfg("instdisc"), 64, 5, [3, 3])
+    assert m2.state_dict()["memory.bank"].shape == (64, 32) and "memory.Z" in m2.state_dict()
+    m3 = get_method("cmc")(tiny_cfg("cmc"), 64, 5, [1, 2])
+    assert {"memories.0.bank", "memories.1.bank"} <= set(m3.state_dict())
+    # the queue pointer advances as a tensor and wraps around
+    q = m.queue
+    for _ in range(5):
+        q.push(torch.randn(16, 32))
+    assert int(q.ptr) == (5 * 16) % 64
+
+
+def test_schedules_and_lars():
+    s = cosine_schedule(1.0, 0.0, 100, 10)
+    assert len(s) == 100 and s[0] == 0 and s[10] == pytest.approx(1.0) and s[-1] < 0.01
+    assert np.all(np.diff(s[10:]) <= 0)
+    cfg = tiny_cfg("byol")
+    m = get_method("byol")(cfg, 64, 100, [3, 3])
+    assert m.ema(0) == pytest.approx(0.996) and m.ema(99) == pytest.approx(1.0, abs=1e-5)
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    opt = LARS([{"params": [w], "weight_decay": 0.0, "lars_exclude": False}], lr=1.0, momentum=0.0)
+    w.grad = torch.full((4, 4), 100.0)
+    opt.step()
+    # trust-ratio scaled: step = lr * 0.001 * ||w|| / ||g|| * g = 0.001 per entry
+    torch.testing.assert_close(w.detach(), torch.full((4, 4), 1 - 0.001))
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def _state(v):
+    return {"model": {"w": torch.full((3,), float(v))}, "step": v}
+
+
+def test_checkpoint_roundtrip_rng_and_weights_only(tmp_path):
+    torch.manual_seed(3)
+    np.random.seed(3)
+    rs = ckpt.rng_state()
+    a = (torch.rand(3), np.random.rand(2))
+    ckpt.save_checkpoint(tmp_path, 5, _state(5), {"rng": rs, "loader": {"epoch": 1, "batch": 2}})
+    path = ckpt.latest_checkpoint(tmp_path)
+    assert path.name == "step-00000005"
+    torch.load(path / "rank-0.pt", weights_only=True)  # numpy state stored as tensors
+    state, rank_state = ckpt.load_checkpoint(path)
+    ckpt.set_rng_state(rank_state["rng"])
+    assert torch.equal(torch.rand(3), a[0]) and np.array_equal(np.random.rand(2), a[1])
+    assert rank_state["loader"] == {"epoch": 1, "batch": 2} and state["step"] == 5
+
+
+def test_checkpoint_crash_during_write_keeps_previous(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 10, _state(10), {"rng": ckpt.rng_state()})
+    real = ckpt._save
+    calls = []
+
+    def dying_save(obj, path):  # the process "dies" half way through the second file
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"\x80torn")
+            raise KeyboardInterrupt("killed")
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt, "_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 20, _state(20), {"rng": ckpt.rng_state()})
+    monkeypatch.setattr(ckpt, "_save", real)
+    assert (tmp_path / "checkpoints" / "step-00000020.tmp").exists()
+    path = ckpt.latest_checkpoint(tmp_path)
+    assert path.name == "step-00000010"
+    assert ckpt.load_checkpoint(path)[0]["step"] == 10
+    # a torn `latest` pointer falls back to the newest complete directory
+    (tmp_path / "checkpoints" / "latest").write_text("step-000")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000010"
+    # the next save cleans the stale tmp and prunes to `keep`
+    for s in (30, 40, 50):
+        ckpt.save_checkpoint(tmp_path, s, _state(s), {"rng": ckpt.rng_state()}, keep=2)
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names == ["latest", "step-00000040", "step-00000050"]

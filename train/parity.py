@@ -1,0 +1,76 @@
+"""Step-0 loss and gradients of a method on one fixed global batch, for 1-process vs N-process checks.
+
+    python train/parity.py --data OUT --global-batch 32 --dump step0_1proc.pt
+    accelerate launch --multi_gpu --num_processes 2 train/parity.py --data OUT --global-batch 32 --dump step0_2proc.pt
+
+Every process reads the same first batch of `global-batch` samples (pipeline, world_size=1) and keeps
+its contiguous slice, builds the method with the same seed, wraps it in DDP through accelerate, and
+runs forward + backward once. Rank 0 writes {"loss", "grads"} (DDP-averaged gradients) to --dump.
+tests/test_train_ddp.py compares the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--dump", required=True)
+    p.add_argument("--method", default="simclr")
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+                   help="float64 makes summation-order differences negligible, so the check isolates the "
+                        "distributed math (gather, gradient scaling, global BN)")
+    a = p.parse_args(argv)
+
+    from pipeline import build_loader
+    from pipeline.recipes import get_recipe
+    from train import config
+    from train.methods import get_method, method_defaults
+    from train.trainer import _accelerator
+
+    cfg = config.build({"method": a.method, "data": a.data, "arch": "resnet18", "width": 8, "cifar_stem": True,
+                        "sync_bn": True, "proj_hidden": 64, "proj_dim": 32, "batch_size": a.global_batch,
+                        "image_size": a.image_size, "out": str(Path(a.dump).parent / "parity_run")},
+                       method_defaults(a.method))
+    torch.use_deterministic_algorithms(True)
+    acc = _accelerator(cfg)
+    rank, ws = acc.process_index, acc.num_processes
+    if a.global_batch % ws:
+        raise ValueError(f"global batch {a.global_batch} must divide by {ws} processes")
+    cls = get_method(a.method)
+    spec = get_recipe(cls.recipe, a.image_size)
+    loader = build_loader(a.data, "train", spec, "dali", batch_size=a.global_batch, image_size=a.image_size,
+                          seed=0)
+    batch = next(iter(loader))
+    loader.close()
+    n = a.global_batch // ws
+    views = [v[rank * n:(rank + 1) * n].to(acc.device) for v in batch["views"]]
+    index = batch["index"][rank * n:(rank + 1) * n].to(acc.device)
+    dtype = getattr(torch, a.dtype)
+    views = [v.to(dtype) for v in views]
+    torch.manual_seed(0)
+    method = cls(cfg, 1000, 10, [v.num_channels for v in spec.views]).to(dtype)
+    model = acc.prepare(method)
+    loss, _ = model(views, index, 0)
+    acc.backward(loss)
+    if acc.is_main_process:
+        grads = {k: p.grad.detach().clone() for k, p in acc.unwrap_model(model).named_parameters()
+                 if p.grad is not None}
+        torch.save({"loss": loss.detach().clone(), "grads": grads}, a.dump)
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    main()
