@@ -266,12 +266,13 @@ def make_parser(description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML/JSON file with the same keys as these flags")
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for name, (sec, f) in _fields().items():
         hint = _hint(sec, name)
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         helptext = f"{f.metadata.get('help', '')} (default: {default})"
-        group = p.add_argument_group(sec)
+        group = groups.get(sec) or groups.setdefault(sec, p.add_argument_group(sec))
         if hint is bool:
             group.add_argument(flag, dest=name, default=argparse.SUPPRESS, nargs="?", const=True,
                                metavar="BOOL", help=helptext)
