@@ -224,3 +224,33 @@ def test_checkpoint_crash_during_write_keeps_previous(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, s, _state(s), {"rng": ckpt.rng_state()}, keep=2)
     names = sorted(os.listdir(tmp_path / "checkpoints"))
     assert names == ["latest", "step-00000040", "step-00000050"]
+
+
+def _equal_batch_worker(rank, init_file, out_dir):
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from train.trainer import Trainer
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        n = 5 if rank == 0 else 3  # rank 1's loader skipped two corrupt members
+        batch = {"views": [torch.full((n, 3, 4, 4), float(rank)), torch.zeros(n, 1, 4, 4)],
+                 "index": torch.arange(n) + 10 * rank, "label": torch.zeros(n, dtype=torch.long)}
+        me = types.SimpleNamespace(world=2, device=torch.device("cpu"))
+        out = Trainer._equal_batch(me, batch)
+        torch.save({k: out[k] for k in ("index", "label")} | {"shapes": [tuple(v.shape) for v in out["views"]]},
+                   f"{out_dir}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_batches_are_trimmed_to_the_smallest_rank(tmp_path):
+    """A rank whose loader skipped corrupt members must not desynchronise the collectives."""
+    import torch
+    import torch.multiprocessing as tmp_mp
+    tmp_mp.spawn(_equal_batch_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "r0.pt"), torch.load(tmp_path / "r1.pt")
+    assert r0["index"].tolist() == [0, 1, 2] and r1["index"].tolist() == [10, 11, 12]
+    assert r0["shapes"] == r1["shapes"] == [(3, 3, 4, 4), (3, 1, 4, 4)]

@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
-from .distributed import all_reduce_flag
+from .distributed import all_gather_nograd, all_reduce_flag
 from .knn import extract, knn_classify, split_holdout
 from .methods import get_method
 from .models import export_backbone
@@ -205,8 +205,22 @@ class Trainer:
             self.save()
         return st.history
 
+    def _equal_batch(self, batch: dict) -> dict:
+        """Trim every rank's batch to the smallest one. The loader skips corrupt members, so a rank's
+        batch can come out shorter; gathers (SimCLR negatives, global BN, bank updates) need equal
+        shapes on every rank, and a mismatch would fail or hang the collective. Deterministic, so an
+        exact resume still reproduces it."""
+        if self.world == 1:
+            return batch
+        n = len(batch["index"])
+        m = int(all_gather_nograd(torch.tensor([n], device=self.device)).min().item())
+        if m == n:
+            return batch
+        return {"views": [v[:m] for v in batch["views"]], "index": batch["index"][:m], "label": batch["label"][:m]}
+
     def _step(self, batch, unwrapped) -> float:
         st, cfg = self.state, self.cfg
+        batch = self._equal_batch(batch)
         views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
         index = batch["index"].to(self.device)
         with self.acc.autocast():
