@@ -228,7 +228,7 @@ def main(argv=None):
         for name, v in results.items():
             w.writerow([date, machine, versions(), name, f"{v:.1f}", f"{v / base:.2f}" if base else "",
                         B, Wk, args.images])
-    print(f"\n| pipeline | samples/s | vs PIL |\n|---|---:|---:|")
+    print("\n| pipeline | samples/s | vs PIL |\n|---|---:|---:|")
     for name, v in results.items():
         print(f"| {name} | {v:.0f} | {v / base:.2f}x |" if base else f"| {name} | {v:.0f} | |")
     print(f"\n{machine}; {versions()}; batch {B}, {Wk} workers/threads; rows appended to {RESULTS}")

@@ -14,7 +14,6 @@ bit flips that keep the syntax valid (a full strict decode would, at the cost of
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

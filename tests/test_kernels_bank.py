@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+from kernel_helpers import LargestOutput, rel_err, unit
 import torch.nn.functional as F
 
 from kernels import bank_nce, bank_nce_ref, bank_update, bank_update_ref
@@ -12,15 +13,6 @@ from kernels import bank_nce, bank_nce_ref, bank_update, bank_update_ref
 backend_mod = importlib.import_module("kernels._backend")
 
 CUDA = torch.cuda.is_available()
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |a - e| / max |e| over the whole tensor."""
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
-
-
-def unit(n: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    return F.normalize(torch.randn(n, d, device=device, dtype=torch.float64), dim=1).to(dtype)
 
 
 def indices(b: int, k: int, n: int, device="cpu"):
@@ -123,18 +115,6 @@ def test_bank_nce_chunk_size_does_not_change_result(monkeypatch, mode):
 
 
 def test_bank_nce_chunked_path_never_gathers_b_by_k_rows(monkeypatch):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestOutput(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            return out
-
     monkeypatch.setattr(backend_mod, "CHUNK_ELEMS", 400)
     b, k, n, d = 16, 300, 500, 8
     q, bank = unit(b, d).requires_grad_(), unit(n, d)

@@ -5,22 +5,13 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
+from kernel_helpers import LargestOutput, rel_err, unit
 
 from kernels import info_nce, info_nce_ref
 
 backend_mod = importlib.import_module("kernels._backend")
 
 CUDA = torch.cuda.is_available()
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |a - e| / max |e| over the whole tensor."""
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
-
-
-def unit(n: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    return F.normalize(torch.randn(n, d, device=device, dtype=torch.float64), dim=1).to(dtype)
 
 
 def run(fn, q, k, queue, **kw):
@@ -99,18 +90,6 @@ def test_chunk_size_does_not_change_result(monkeypatch, with_queue):
 
 
 def test_chunked_path_never_allocates_n_by_k(monkeypatch):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestOutput(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            return out
-
     monkeypatch.setattr(backend_mod, "CHUNK_ELEMS", 700)
     n, d, kq = 64, 8, 700
     q, k, queue = unit(n, d).requires_grad_(), unit(n, d).requires_grad_(), unit(kq, d)

@@ -5,22 +5,14 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
+from kernel_helpers import LargestOutput, rel_err
+from kernel_helpers import unit as embeddings
 
 from kernels import nt_xent, nt_xent_ref
 
 backend_mod = importlib.import_module("kernels._backend")
 
 CUDA = torch.cuda.is_available()
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |a - e| / max |e|: one scale for a whole gradient, so tiny entries don't blow it up."""
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
-
-
-def embeddings(m: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    return F.normalize(torch.randn(m, d, device=device, dtype=torch.float64), dim=1).to(dtype)
 
 
 def loss_and_grad(fn, z, **kw):
@@ -91,18 +83,6 @@ def test_chunk_size_does_not_change_result(monkeypatch):
 
 
 def test_chunked_path_never_allocates_m_by_m(monkeypatch):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestOutput(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            return out
-
     monkeypatch.setattr(backend_mod, "CHUNK_ELEMS", 600)
     m, d = 300, 16
     z = embeddings(m, d).requires_grad_()

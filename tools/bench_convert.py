@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     n = len(files)
     ratio = {rows[0][0]: t_ffcv / t_ours, rows[1][0]: 1.0, rows[2][0]: t_pil / t_ours_rs, rows[3][0]: 1.0}
     vs = {rows[0][0]: "vs ffcv", rows[1][0]: "", rows[2][0]: "vs PIL", rows[3][0]: ""}
-    print(f"\n| writer | images/s | ratio |\n|---|---:|---:|")
+    print("\n| writer | images/s | ratio |\n|---|---:|---:|")
     for name, t in rows:
         r = f"{ratio[name]:.1f}x {vs[name]}" if vs[name] else "1.0x"
         print(f"| {name} | {n / t:,.0f} | {r} |")
