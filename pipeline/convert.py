@@ -287,7 +287,6 @@ class Progress:
     shards: list = field(default_factory=list)  # [{tar, idx, first_index, num_samples, sha256, idx_sha256, bytes}]
     bad: list = field(default_factory=list)  # [{path, reason}]
     actions: dict = field(default_factory=dict)
-    max_jpeg_bytes: int = 0
     class_counts: list = field(default_factory=list)
 
 
@@ -371,7 +370,6 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
     pending_bad: list[dict] = []
     pending_actions: Counter = Counter()
     pending_counts = Counter()
-    pending_max = 0
     results = _results(jobs, pool, window=max(64, 32 * cfg.workers))
     try:
         for ok, payload in results:
@@ -401,7 +399,6 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
                 })
                 pending_actions[action.split(":")[0] if action == "passthrough" else action] += 1
                 pending_counts[label] += 1
-                pending_max = max(pending_max, len(jpeg))
             if writer is not None and (writer.num_samples == cfg.shard_size or pos == len(sc.candidates)):
                 # Commit point: shard files first, then the progress record that points past them.
                 first = prog.next_index
@@ -413,12 +410,12 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
                                     "first_index": first, "num_samples": n, "sha256": tar_sha,
                                     "idx_sha256": idx_sha, "bytes": size})
                 prog.next_index += n
-                _absorb(prog, pos, pending_bad, pending_actions, pending_counts, pending_max)
-                pending_bad, pending_actions, pending_counts, pending_max = [], Counter(), Counter(), 0
+                _absorb(prog, pos, pending_bad, pending_actions, pending_counts)
+                pending_bad, pending_actions, pending_counts = [], Counter(), Counter()
                 atomic_write_json(out_split / PROGRESS, asdict(prog), indent=None)
         if writer is None and pos == len(sc.candidates) and prog.next_candidate != pos:
             # Trailing bad files after the last shard: record them too.
-            _absorb(prog, pos, pending_bad, pending_actions, pending_counts, pending_max)
+            _absorb(prog, pos, pending_bad, pending_actions, pending_counts)
             atomic_write_json(out_split / PROGRESS, asdict(prog), indent=None)
     except BaseException:
         if writer is not None:
@@ -431,14 +428,13 @@ def _write_shards(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Pat
         bar.close()
 
 
-def _absorb(prog: Progress, pos, bad, actions, counts, max_bytes) -> None:
+def _absorb(prog: Progress, pos, bad, actions, counts) -> None:
     prog.next_candidate = pos
     prog.bad.extend(bad)
     for k, v in actions.items():
         prog.actions[k] = prog.actions.get(k, 0) + v
     for label, v in counts.items():
         prog.class_counts[label] += v
-    prog.max_jpeg_bytes = max(prog.max_jpeg_bytes, max_bytes)
 
 
 def _finish(cfg, sc: Scan, prog: Progress, out_split: Path, shard_dir: Path, log) -> dict:
