@@ -13,7 +13,8 @@ from .spec import RecipeSpec
 @dataclass(slots=True)
 class RawBatch:
     crops: dict[int, torch.Tensor]
-    """stream -> uint8 (n, S, S, 3): the crop of the record, resized, not yet flipped."""
+    """stream -> uint8 (n, S, S, 3): the crop of the record, resized, not yet flipped (only the streams
+    whose views are not in `views`)."""
     index: np.ndarray
     """int64 (n,) global indices of the samples kept (skipped ones removed)."""
     label: np.ndarray
@@ -21,6 +22,9 @@ class RawBatch:
     """One record per view (pipeline.params.view_params), rows of the kept samples."""
     skipped: list[tuple[int, str]] = field(default_factory=list)
     """(global index, reason) of the members of this batch that could not be decoded."""
+    views: dict[int, torch.Tensor] = field(default_factory=dict)
+    """view -> float32 (n, C, S, S): views the backend finished itself (pipeline.cpu_views); the loader
+    applies torch_ops to the others, from `crops`."""
 
 
 def streams(recipe: RecipeSpec) -> dict[int, int]:

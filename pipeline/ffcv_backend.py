@@ -28,6 +28,7 @@ import torch
 
 from . import dataset_format as fmt
 from .backend_common import RawBatch, streams
+from .cpu_views import CpuViews
 from .params import crop_args, crop_box, sample_key, sample_params
 from .shards import ShardError, jpeg_check
 from .spec import RecipeSpec
@@ -127,6 +128,8 @@ class FfcvBackend:
         self.streams = streams(recipe)
         self.geoms = [(s, recipe.views[v].size, *crop_args(recipe.views[v])) for s, v in self.streams.items()]
         self._Decoder = _decoder_class()
+        # on the CPU the photometric ops run per image in threads (pipeline.cpu_views); on a GPU, batched
+        self._views = CpuViews(recipe, num_threads) if self.device.type == "cpu" else None
 
     def iterate(self, epoch: int, batches: list[np.ndarray]):
         if not batches:
@@ -156,10 +159,16 @@ class FfcvBackend:
                 crops[s] = flat_ok[:, off:off + n].reshape(-1, size, size, 3)
                 off += n
             params = sample_params(self.recipe, self.seed, epoch, keep, self.widths[keep], self.heights[keep])
+            views = {}
+            if self._views is not None and len(keep):
+                views, left = self._views.run(None, params, self.streams,
+                                              resized={s: c.numpy() for s, c in crops.items()})
+                crops = {s: torch.from_numpy(c) for s, c in left.items()}
             yield RawBatch(crops=crops, index=keep, label=label.reshape(-1)[ok].astype(np.int64),
-                           params=params, skipped=skipped)
+                           params=params, skipped=skipped, views=views)
 
     def close(self):
-        pass
+        if self._views is not None:
+            self._views.close()
 
 

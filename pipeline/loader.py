@@ -93,6 +93,9 @@ class ViewLoader:
         st["skipped_samples"].extend(raw.skipped[: max(0, 1000 - len(st["skipped_samples"]))])
         views, done = [], {}
         for v, view in enumerate(self.recipe.views):
+            if v in raw.views:
+                views.append(raw.views[v].to(self.device))
+                continue
             s = self.recipe.param_stream(v)
             if s not in done:
                 if len(raw.index):
