@@ -19,10 +19,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 COLOR_SPACES = {"rgb": 3, "lab": 3, "ycbcr": 3, "ydbdr": 3}
-# Ops of RandAugment that can be applied batched with per-sample magnitudes (see torch_ops.randaugment).
-# Equalize is left out: a per-image histogram equalization has no cheap batched form.
+# Ops of RandAugment (torchvision's set), all applied batched with per-sample magnitudes (torch_ops).
 RANDAUGMENT_OPS = ("identity", "autocontrast", "posterize", "solarize", "color", "contrast", "brightness",
-                   "sharpness", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+                   "sharpness", "rotate", "shear_x", "shear_y", "translate_x", "translate_y", "equalize")
 
 
 def _check_range(name: str, r: tuple[float, float], lo: float, hi: float) -> None:

@@ -119,12 +119,29 @@ def _affine(x, angle, shear_x, shear_y, tx, ty):
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def equalize(x: torch.Tensor) -> torch.Tensor:
+    """Histogram equalization of each channel of each image of x (n, C, H, W) in [0, 1] on 256 levels,
+    with PIL's / torchvision's lookup table: lut[i] = (cdf[i - 1] + step // 2) // step, where step =
+    (pixels - count of the last non-empty bin) // 255; a channel with step 0 is left as it is."""
+    n, c, h, w = x.shape
+    q = (x * 255).round_().clamp_(0, 255).long().reshape(n * c, h * w)
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, q, torch.ones_like(q))
+    last = 255 - (hist > 0).flip(1).long().argmax(1, keepdim=True)
+    step = (h * w - hist.gather(1, last)) // 255
+    cdf = torch.cumsum(hist, 1) - hist  # pixels below each level
+    lut = ((cdf + step // 2) // step.clamp_min(1)).clamp_(0, 255)
+    out = torch.where(step > 0, lut.gather(1, q), q)
+    return out.reshape(n, c, h, w).to(x.dtype) / 255
+
+
 def randaugment_op(name: str, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """One RandAugment op on x (n, 3, H, W) in [0, 1] with signed magnitudes m (n,) in [-1, 1], using
     torchvision's magnitude ranges (RandAugment with 31 bins)."""
     a = m.abs()
     if name == "identity":
         return x
+    if name == "equalize":
+        return equalize(x)
     if name == "autocontrast":
         lo = x.amin((2, 3), keepdim=True)
         hi = x.amax((2, 3), keepdim=True)

@@ -152,11 +152,36 @@ def test_randaugment_draws():
     _rate_ok(rec["ra_mag"][:, 0] > 0, 0.5)
 
 
+@pytest.mark.parametrize("h,w,const", [(51, 40, False), (7, 39, False), (25, 15, True), (1, 1, False)])
+def test_equalize_matches_pil(h, w, const):
+    import torch
+    from PIL import Image, ImageOps
+    from pipeline.torch_ops import equalize
+    img = (np.random.default_rng(h * w).beta(2, 5, (h, w, 3)) * 255).astype(np.uint8)
+    if const:
+        img[..., 1] = 7  # a flat channel stays as it is
+    ref = np.asarray(ImageOps.equalize(Image.fromarray(img)))
+    got = equalize(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)[0].permute(1, 2, 0)
+    assert np.array_equal((got * 255).round().byte().numpy(), ref)
+
+
+def test_every_randaugment_op_keeps_the_range():
+    import torch
+    from pipeline.spec import RANDAUGMENT_OPS
+    from pipeline.torch_ops import randaugment_op
+    x = torch.rand(6, 3, 20, 24)
+    m = torch.linspace(-1, 1, 6)
+    for name in RANDAUGMENT_OPS:
+        y = randaugment_op(name, x.clone(), m)
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1, name
+        assert (name == "identity") == torch.equal(y, x), name
+
+
 @pytest.mark.parametrize("bad", [
     lambda: CropSpec(scale=(0.5, 0.2)), lambda: CropSpec(kind="random"), lambda: JitterSpec(hue=0.7),
     lambda: JitterSpec(p=1.5), lambda: BlurSpec(sigma=(2.0, 1.0)), lambda: ViewSpec(flip_p=-0.1),
     lambda: ColorSpec(space="hsv"), lambda: ColorSpec(channels=(0, 3), mean=(0, 0), std=(1, 1)),
-    lambda: ColorSpec(channels=(0,)), lambda: RandAugmentSpec(ops=("equalize",)),
+    lambda: ColorSpec(channels=(0,)), lambda: RandAugmentSpec(ops=("equalise",)),
     lambda: RecipeSpec(name="x", views=()),
     lambda: RecipeSpec(name="x", views=(ViewSpec(), ViewSpec(flip_p=0.0)), shared_params=True),
     lambda: ViewSpec(bogus=1),
