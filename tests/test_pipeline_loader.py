@@ -227,6 +227,25 @@ def test_corrupt_member_is_skipped_and_counted(corrupt_split, converted):
     assert "entropy" in loader.stats["skipped_samples"][0][1]
 
 
+def test_ffcv_corrupt_member_is_skipped_and_counted(converted, tmp_path):
+    """The same corruption inside the .beton (sample 5's scan data overwritten in place): ffcv's decoder
+    flags it, the loader drops and counts it, every other sample arrives once."""
+    split_dir, manifest, _ = converted
+    out = tmp_path / "train"
+    shutil.copytree(split_dir, out)
+    jpeg = ShardIndex(split_dir).read(5)[0]
+    beton = out / manifest["beton"]["file"]
+    raw = bytearray(beton.read_bytes())
+    at = raw.find(jpeg)
+    assert at >= 0 and raw.find(jpeg, at + 1) < 0
+    raw[at:at + len(jpeg)] = _corrupt(jpeg)
+    beton.write_bytes(bytes(raw))
+    loader = build_loader(tmp_path, recipe="eval", backend="ffcv", batch_size=8, image_size=S, num_threads=1)
+    seen = torch.cat([b["index"] for b in loader]).tolist()
+    assert seen == [i for i in range(manifest["num_samples"]) if i != 5]
+    assert loader.stats["skipped"] == 1 and loader.stats["skipped_samples"][0][0] == 5
+
+
 def test_missing_shard_names_it(converted, tmp_path):
     split_dir, manifest, _ = converted
     out = tmp_path / "train"
