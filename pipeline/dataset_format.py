@@ -26,6 +26,16 @@ MANIFEST = "manifest.json"
 BAD_FILES = "bad_files.jsonl"
 FORMAT_VERSION = 1
 
+# Video splits (tools/convert_video.py) share the layout above without the .beton; their manifest has
+# "kind": "video". Members of a video sample, in this order:
+#   KEY.mp4        H.264 (yuv420p) in MP4
+#   KEY.cls        ASCII decimal label
+#   KEY.json       {"index", "label", "class", "source", "fps", "num_frames", "duration", "width", "height", "keyint"}
+#   KEY.label.i64  label, 8-byte little-endian int64
+#   KEY.index.i64  global index, likewise
+VIDEO_MEMBER_EXTS = ("mp4", "cls", "json", "label.i64", "index.i64")
+VIDEO_KIND = "video"
+
 
 def sample_key(index: int) -> str:
     return f"{index:0{KEY_DIGITS}d}"
