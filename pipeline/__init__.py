@@ -1,11 +1,13 @@
-"""infoview data pipeline: converter (pipeline.convert) and multi-view loaders (pipeline.build_loader).
+"""infoview data pipeline: converter (pipeline.convert), multi-view loaders (pipeline.build_loader) and clip
+loaders for video splits (pipeline.build_clip_loader, pipeline/clips.py).
 
 Loader imports are lazy so that importing `pipeline.convert` (and its worker processes) does not pay
 for torch / DALI / ffcv.
 """
 
 __all__ = ["build_loader", "RECIPES", "get_recipe", "RecipeSpec", "ViewSpec", "CropSpec", "JitterSpec",
-           "BlurSpec", "RandAugmentSpec", "ColorSpec", "sample_params", "EpochSampler"]
+           "BlurSpec", "RandAugmentSpec", "ColorSpec", "sample_params", "EpochSampler", "build_clip_loader",
+           "CLIP_RECIPES", "get_clip_recipe", "ClipSpec", "TemporalSpec", "sample_clip_params"]
 
 
 def __getattr__(name):
@@ -21,6 +23,10 @@ def __getattr__(name):
     if name == "sample_params":
         from .params import sample_params
         return sample_params
+    if name in ("build_clip_loader", "CLIP_RECIPES", "get_clip_recipe", "ClipSpec", "TemporalSpec",
+                "sample_clip_params"):
+        from . import clips
+        return getattr(clips, name)
     if name == "EpochSampler":
         from .sampler import EpochSampler
         return EpochSampler

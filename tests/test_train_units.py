@@ -54,7 +54,7 @@ def test_config_precedence_file_and_flags(tmp_path):
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(KeyError, match="known: byol, cmc, infomin, instdisc, mocov2, simclr"):
+    with pytest.raises(KeyError, match="known: byol, cmc, cvrl, infomin, instdisc, mocov2, simclr"):
         get_method("swav")
     with pytest.raises(KeyError, match="unknown method"):
         config.parse(["--method", "swav"], method_defaults)

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 
+ARCHS = ("resnet18", "resnet34", "resnet50", "r3d18", "r2plus1d18")
+VIDEO_ARCHS = ("r3d18", "r2plus1d18")
+
+
 class ConfigError(ValueError):
     """An unknown key or an invalid value in the run configuration."""
 
@@ -65,11 +69,16 @@ class DataConfig:
     knn_temperature: float = opt(0.07, "temperature of the kNN vote weights exp(sim / T)")
     knn_holdout: int = opt(10, "without val/: every N-th train sample (by global index) is the kNN query set")
     eval_image_size: int = opt(0, "center crop for kNN / linear eval (0: --image-size)")
+    frames: int = opt(8, "video data: frames per clip (T)")
+    stride: int = opt(2, "video data: step between the frames of a clip (in source frames)")
+    decoder: Literal["pyav", "dali"] = opt(
+        "pyav", "video data: frame decoder; 'dali' falls back to PyAV where DALI cannot decode (H.264 on CPU)")
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    arch: str = opt("resnet18", "backbone: resnet18, resnet50 (torchvision parameter names)")
+    arch: str = opt("resnet18", "backbone: resnet18, resnet34, resnet50; video: r3d18, r2plus1d18 (torchvision "
+                                "parameter names)")
     width: int = opt(64, "width of the first stage (64: standard; CMC halves it per view)")
     cifar_stem: bool = opt(False, "3x3 stride-1 stem without max-pool, for small images")
     sync_bn: bool = opt(False, "batch norm statistics over the global batch (all processes)")
@@ -129,7 +138,9 @@ class Config:
             (d.knn_temperature > 0, "knn_temperature", "must be > 0"),
             (d.knn_holdout >= 2, "knn_holdout", "must be >= 2"),
             (m.width >= 4, "width", "must be >= 4"),
-            (m.arch in ("resnet18", "resnet34", "resnet50"), "arch", "choose from resnet18, resnet34, resnet50"),
+            (m.arch in ARCHS, "arch", f"choose from {', '.join(ARCHS)}"),
+            (d.frames >= 1, "frames", "must be >= 1"),
+            (d.stride >= 1, "stride", "must be >= 1"),
             (m.proj_dim >= 2 and m.proj_hidden >= 2 and m.pred_hidden >= 2, "proj_dim",
              "head widths must be >= 2"),
             (o.lr >= 0, "lr", "must be >= 0"),

@@ -28,7 +28,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", help="RUN_DIR/backbone.safetensors (written by pretrain)")
     p.add_argument("--random-init", action="store_true", help="a randomly initialised encoder instead")
-    p.add_argument("--arch", default="resnet18", help="with --random-init: resnet18, resnet34, resnet50")
+    p.add_argument("--arch", default="resnet18",
+                   help="with --random-init: resnet18, resnet34, resnet50; video: r3d18, r2plus1d18")
     p.add_argument("--width", type=int, default=64, help="with --random-init: first-stage width")
     p.add_argument("--cifar-stem", action="store_true", help="with --random-init: 3x3 stem, no max-pool")
     p.add_argument("--data", required=True, help="converted dataset root (train/ and optionally val/)")
@@ -36,6 +37,10 @@ def parse(argv=None):
     p.add_argument("--format", choices=["wds", "ffcv"], default="wds")
     p.add_argument("--image-size", type=int, default=0, help="eval crop (0: the backbone's training size, or 224)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--frames", type=int, default=0,
+                   help="video data: frames of the eval clip (0: the backbone's training value, or 8)")
+    p.add_argument("--stride", type=int, default=0,
+                   help="video data: frame step of the eval clip (0: the backbone's training value, or 2)")
     p.add_argument("--holdout", type=int, default=10, help="without val/: every N-th train sample is the test set")
     p.add_argument("--l2", type=float, default=1e-4, help="L2 penalty of the probe")
     p.add_argument("--iters", type=int, default=200, help="L-BFGS iterations")
@@ -91,9 +96,21 @@ def main(argv=None) -> dict:
         from pipeline.recipes import get_recipe
         recipe = replace_crop_center(get_recipe(meta["recipe"], size), size)
 
+    from pipeline.video_decode import manifest_kind
+    try:  # video data: one centred clip per video (pipeline/clips.py)
+        video = manifest_kind(Path(a.data) / "train") == "video"
+    except (OSError, ValueError):
+        video = False  # the loader reports the missing / unreadable split
+    frames, stride = a.frames or int(meta.get("frames", 8)), a.stride or int(meta.get("stride", 2))
+
     def feats(split):
-        ld = build_loader(a.data, split, recipe, BACKEND[a.format], batch_size=a.batch_size, image_size=size,
-                          seed=a.seed, shuffle=False, drop_last=False)
+        if video:
+            from pipeline.clips import build_clip_loader
+            ld = build_clip_loader(a.data, split, "eval", batch_size=a.batch_size, frames=frames, stride=stride,
+                                   image_size=size, seed=a.seed, shuffle=False, drop_last=False)
+        else:
+            ld = build_loader(a.data, split, recipe, BACKEND[a.format], batch_size=a.batch_size, image_size=size,
+                              seed=a.seed, shuffle=False, drop_last=False)
         out = extract(net, ld, torch.device("cpu"))
         ld.close()
         return out
@@ -113,6 +130,8 @@ def main(argv=None) -> dict:
     res = {"top1": topk(logits, yte, 1), "top5": topk(logits, yte, 5), **knn,
            "num_train": int(xtr.shape[0]), "num_test": int(xte.shape[0]), "num_classes": c,
            "encoder": "random-init" if a.random_init else str(a.backbone), "image_size": size}
+    if video:
+        res.update(frames=frames, stride=stride)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res))

@@ -197,7 +197,13 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, last_bn: bool =
 
 def build_backbone(arch: str, width: int = 64, cifar_stem: bool = False, sync_bn: bool = False,
                    channels: list[int] | None = None) -> nn.Module:
-    """A ResNet on RGB, or CMC's MultiViewEncoder when `channels` (one entry per view) is given."""
+    """A ResNet on RGB, or CMC's MultiViewEncoder when `channels` (one entry per view) is given.
+    Video archs (r3d18, r2plus1d18: train/models_video.py) take (B, C, T, H, W) clips."""
+    if arch in ("r3d18", "r2plus1d18"):
+        from .models_video import build_video_backbone
+        if channels is not None:
+            raise ValueError(f"{arch}: one encoder per view (CMC) is not supported for video backbones")
+        return build_video_backbone(arch, width, sync_bn)
     if channels is not None:
         return MultiViewEncoder(arch, width, channels, cifar_stem, sync_bn)
     return ResNet(arch, width, 3, cifar_stem, sync_bn)

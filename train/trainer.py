@@ -81,13 +81,22 @@ class Trainer:
             raise ConfigError("--data is required (the converter's --out, holding train/)")
         method_cls = get_method(cfg.run.method)
         recipe = d.recipe or method_cls.recipe
-        spec = get_recipe(recipe, d.image_size)
-        if not d.blur:
-            spec = dataclasses.replace(spec, name=f"{spec.name}-noblur",
-                                       views=tuple(dataclasses.replace(v, blur=None) for v in spec.views))
-        self.loader = build_loader(d.data, "train", spec, BACKEND[d.format], batch_size=d.batch_size,
-                                   image_size=d.image_size, rank=self.rank, world_size=self.world,
-                                   seed=cfg.run.seed, device=self.device.type)
+        self.video = uses_clips(cfg, method_cls)
+        if self.video:  # clips (B x C x T x H x W) from a video split: pipeline/clips.py
+            from pipeline.clips import build_clip_loader
+            self.loader = build_clip_loader(d.data, "train", recipe, batch_size=d.batch_size, frames=d.frames,
+                                            stride=d.stride, image_size=d.image_size, rank=self.rank,
+                                            world_size=self.world, seed=cfg.run.seed, device=self.device.type,
+                                            decoder=d.decoder, blur=d.blur)
+            spec = self.loader.recipe
+        else:
+            spec = get_recipe(recipe, d.image_size)
+            if not d.blur:
+                spec = dataclasses.replace(spec, name=f"{spec.name}-noblur",
+                                           views=tuple(dataclasses.replace(v, blur=None) for v in spec.views))
+            self.loader = build_loader(d.data, "train", spec, BACKEND[d.format], batch_size=d.batch_size,
+                                       image_size=d.image_size, rank=self.rank, world_size=self.world,
+                                       seed=cfg.run.seed, device=self.device.type)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{d.data}/train has fewer samples than one global batch "
@@ -280,6 +289,12 @@ class Trainer:
         d = self.cfg.data
         if not hasattr(self, "_eval_loaders"):
             self._eval_loaders = {}
+        if split not in self._eval_loaders and self.video:
+            from pipeline.clips import build_clip_loader
+            self._eval_loaders[split] = build_clip_loader(
+                d.data, split, self.eval_recipe, batch_size=d.batch_size, frames=d.frames, stride=d.stride,
+                image_size=d.eval_image_size or d.image_size, rank=self.rank, world_size=self.world,
+                seed=self.cfg.run.seed, device=self.device.type, decoder=d.decoder, shuffle=False, drop_last=False)
         if split not in self._eval_loaders:
             self._eval_loaders[split] = build_loader(
                 d.data, split, self.eval_recipe, BACKEND[d.format], batch_size=d.batch_size,
@@ -292,15 +307,39 @@ class Trainer:
     def close(self):
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            extra = {"recipe": self.cfg.data.recipe or get_method(self.cfg.run.method).recipe,
+                     "image_size": str(self.cfg.data.eval_image_size or self.cfg.data.image_size)}
+            if self.video:
+                extra.update(frames=str(self.cfg.data.frames), stride=str(self.cfg.data.stride))
             export_backbone(self.acc.unwrap_model(self.model).eval_backbone(), str(self.run_dir / "backbone.safetensors"),
-                            extra={"recipe": self.cfg.data.recipe or get_method(self.cfg.run.method).recipe,
-                                   "image_size": str(self.cfg.data.eval_image_size or self.cfg.data.image_size)})
+                            extra=extra)
             if (self.run_dir / "metrics.jsonl").exists():
                 write_report(self.run_dir)
         for ld in [self.loader, *getattr(self, "_eval_loaders", {}).values()]:
             ld.close()
         self.acc.wait_for_everyone()
         self.acc.end_training()  # also destroys the process group
+
+
+def uses_clips(cfg: Config, method_cls) -> bool:
+    """True when the run trains on clips: the method needs them (`clips = True`, e.g. cvrl) or the data's
+    manifest says "kind": "video". A video arch on image data (or the reverse) fails here, naming both."""
+    from pipeline.video_decode import manifest_kind
+    from .config import VIDEO_ARCHS
+    d, arch = cfg.data, cfg.model.arch
+    try:
+        kind = manifest_kind(Path(d.data) / "train")
+    except (OSError, ValueError):
+        kind = None  # no readable manifest: the loader reports it
+    video = kind == "video" or bool(getattr(method_cls, "clips", False))
+    if video and kind not in ("video", None):
+        raise ConfigError(f"method {cfg.run.method!r} trains on clips but {d.data}/train is a {kind!r} split; "
+                          "convert videos with tools/convert_video.py")
+    if video and arch not in VIDEO_ARCHS:
+        raise ConfigError(f"invalid value for 'arch': {arch!r} on video data; choose from {', '.join(VIDEO_ARCHS)}")
+    if not video and arch in VIDEO_ARCHS:
+        raise ConfigError(f"invalid value for 'arch': {arch!r} is a video backbone but {d.data}/train holds images")
+    return video
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
