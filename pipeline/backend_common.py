@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,3 +41,43 @@ def streams(recipe: RecipeSpec) -> dict[int, int]:
 def take(records: list[dict], keep: np.ndarray) -> list[dict]:
     cache: dict[int, dict] = {}
     return [cache.setdefault(id(r), {k: a[keep] for k, a in r.items()}) for r in records]
+
+
+def prefetched(items: Iterable, depth: int, name: str) -> Iterator:
+    """Yield `items`, produced by a daemon thread up to `depth` ahead. An exception in the producer is
+    raised in the consumer; closing the generator early stops the producer."""
+    q: queue.Queue = queue.Queue(max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put(None)
+        except BaseException as e:  # handed to the consumer, raised there
+            put((False, e))
+
+    th = threading.Thread(target=produce, daemon=True, name=name)
+    th.start()
+    try:
+        while True:
+            got = q.get()
+            if got is None:
+                return
+            ok, item = got
+            if not ok:
+                raise item
+            yield item
+    finally:
+        stop.set()
+        th.join()

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +56,7 @@ import torch
 from numba import njit
 
 from . import torch_ops
-from .backend_common import RawBatch, take
+from .backend_common import RawBatch, prefetched, take
 from .loader import ViewLoader
 from .params import sample_key, uniform, view_params
 from .recipes import RECIPES, eval_recipe, get_recipe
@@ -384,40 +382,7 @@ class ClipBackend:
 
     def iterate(self, epoch: int, batches: list[np.ndarray]):
         """RawBatches for `batches`, produced by a thread up to `prefetch` ahead."""
-        q: queue.Queue = queue.Queue(max(1, self.prefetch))
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def produce():
-            try:
-                for b in batches:
-                    if not put(self.load(epoch, b)):
-                        return
-                put(None)
-            except BaseException as e:  # handed to the consumer, raised there
-                put(e)
-
-        th = threading.Thread(target=produce, daemon=True, name="clip-producer")
-        th.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            th.join()
+        return prefetched((self.load(epoch, b) for b in batches), self.prefetch, "clip-producer")
 
     def close(self) -> None:
         if self._pool is not None:

@@ -290,15 +290,19 @@ class Progress:
     class_counts: list = field(default_factory=list)
 
 
-def _load_progress(split_dir: Path) -> Progress | None:
+def _load_progress(split_dir: Path, cls=Progress):
+    """The `cls` (a progress dataclass) saved in split_dir, or None."""
     p = split_dir / PROGRESS
     if not p.is_file():
         return None
     with open(p) as f:
-        return Progress(**json.load(f))
+        return cls(**json.load(f))
 
 
-def _check_same_run(cfg: ConvertConfig, previous_args: dict, previous_fp: str | None, fp: str, where: Path):
+def _check_same_run(cfg, previous_args: dict, previous_fp: str | None, fp: str, where: Path,
+                    source: str | None = None):
+    """Refuse to resume (or add to) `where` when the arguments or the source files differ from the run
+    that wrote it; `source` names the source in the message (default: the image tree of the split)."""
     now = cfg.output_args()
     if previous_args != now:
         diff = {k: (previous_args.get(k), now.get(k)) for k in set(now) | set(previous_args)
@@ -307,7 +311,8 @@ def _check_same_run(cfg: ConvertConfig, previous_args: dict, previous_fp: str | 
         raise ConversionError(f"{where} was written with different arguments ({detail}). Rerun with the "
                               f"same arguments to resume, choose another --out, or pass --overwrite.")
     if previous_fp is not None and previous_fp != fp:
-        raise ConversionError(f"the source tree under {cfg.src}/{cfg.split} changed since {where} was started "
+        source = source or f"the source tree under {cfg.src}/{cfg.split}"
+        raise ConversionError(f"{source} changed since {where} was started "
                               f"(files added, removed or modified). Pass --overwrite to start again.")
 
 

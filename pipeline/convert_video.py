@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from . import dataset_format as fmt
 from .atomic import atomic_open, atomic_write_json, remove_partials
-from .convert import PROGRESS, ConversionError, _pool_context, _reason_kind
+from .convert import PROGRESS, ConversionError, _check_same_run, _load_progress, _pool_context, _reason_kind
 from .wds_writer import ShardWriter
 
 VIDEO_EXTS = {".avi", ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".wmv"}
@@ -726,25 +726,8 @@ class VideoProgress:
     total_frames: int = 0
 
 
-def _load_progress(split_dir: Path) -> VideoProgress | None:
-    p = split_dir / PROGRESS
-    if not p.is_file():
-        return None
-    with open(p) as f:
-        return VideoProgress(**json.load(f))
-
-
-def _check_same_run(cfg: VideoConvertConfig, previous_args: dict, previous_fp: str | None, fp: str, where: Path):
-    now = cfg.output_args()
-    if previous_args != now:
-        diff = {k: (previous_args.get(k), now.get(k)) for k in set(now) | set(previous_args)
-                if previous_args.get(k) != now.get(k)}
-        detail = ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ConversionError(f"{where} was written with different arguments ({detail}). Rerun with the "
-                              f"same arguments to resume, choose another --out, or pass --overwrite.")
-    if previous_fp is not None and previous_fp != fp:
-        raise ConversionError(f"the source videos of split {cfg.split} under {cfg.src} changed since {where} was "
-                              f"started (files added, removed or modified). Pass --overwrite to start again.")
+def _source(cfg: VideoConvertConfig) -> str:
+    return f"the source videos of split {cfg.split} under {cfg.src}"
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -766,11 +749,12 @@ def convert_video(cfg: VideoConvertConfig) -> dict:
     if manifest_path.is_file():
         with open(manifest_path) as f:
             manifest = json.load(f)
-        _check_same_run(cfg, manifest["arguments"], manifest.get("source_fingerprint"), sc.fingerprint, out_split)
+        _check_same_run(cfg, manifest["arguments"], manifest.get("source_fingerprint"), sc.fingerprint, out_split,
+                        _source(cfg))
         log(f"[convert_video] {out_split} is already complete ({manifest['num_samples']} samples); nothing to do")
         return manifest
 
-    prog = _load_progress(out_split)
+    prog = _load_progress(out_split, VideoProgress)
     if prog is None:
         if any(out_split.iterdir()):
             raise ConversionError(f"{out_split} is not empty and holds no conversion state; choose an empty "
@@ -781,7 +765,7 @@ def convert_video(cfg: VideoConvertConfig) -> dict:
             raise ConversionError(f"--strict: {sc.bad[0]['path']}: {sc.bad[0]['reason']}")
         atomic_write_json(out_split / PROGRESS, asdict(prog), indent=None)
     else:
-        _check_same_run(cfg, prog.args, prog.fingerprint, sc.fingerprint, out_split)
+        _check_same_run(cfg, prog.args, prog.fingerprint, sc.fingerprint, out_split, _source(cfg))
         if prog.next_candidate:
             log(f"[convert_video] resuming {out_split}: {len(prog.shards)} shards, {prog.next_index} samples done")
     _write_shards(cfg, sc, prog, out_split)

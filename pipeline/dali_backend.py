@@ -23,14 +23,12 @@ consumer.
 
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backend_common import RawBatch, streams, take
+from .backend_common import RawBatch, prefetched, streams, take
 from .cpu_views import CpuViews
 from .params import sample_params
 from .shards import BadSample, ShardIndex, check_jpeg
@@ -163,40 +161,7 @@ class DaliBackend:
 
     def iterate(self, epoch: int, batches: list[np.ndarray]):
         """RawBatches for `batches`, produced by a thread up to `prefetch` ahead."""
-        q: queue.Queue = queue.Queue(max(1, self.prefetch))
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def produce():
-            try:
-                for b in batches:
-                    if not put(self.load(epoch, b)):
-                        return
-                put(None)
-            except BaseException as e:  # handed to the consumer, raised there
-                put(e)
-
-        th = threading.Thread(target=produce, daemon=True, name="dali-producer")
-        th.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            th.join()
+        return prefetched((self.load(epoch, b) for b in batches), self.prefetch, "dali-producer")
 
     def close(self):
         self._pipe = None
