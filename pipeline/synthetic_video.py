@@ -6,8 +6,23 @@ drawn per video and carries no class information: the object's shape (disc, squa
 and colour, its start position and size, the background (two-colour gradient, soft blobs, per-frame
 sensor noise and brightness flicker) and 1-2 static distractor shapes. A single frame therefore does
 not reveal the class (except that "grow" / "shrink" frames show the object at some size, which every
-class also does); the motion over a clip does. Deterministic for a seed: every video has its own
-generator seeded by (seed, split, class, n), and the encoders run single-threaded.
+class also does); the motion over a clip does.
+
+`class_cues` (make_ucf / make_kinetics / render_video; tools/make_synthetic_video.py --class-cues) picks
+what identifies a class:
+  "motion" (default): only the motion, as above.
+  "shape+motion": class c also fixes the object's shape, CLASS_SHAPES[c % 8] (8 shapes, one per motion),
+      and the object is drawn 1.5x larger so that the shape survives 32-pixel crops; colours, position,
+      size, background, distractors and noise stay per-video nuisance. Like real video sets (UCF101 is
+      largely solvable from appearance), a class then has a consistent structure that survives CVRL's
+      crops, flips and colour jitter, whereas with "motion" alone a horizontal flip maps MoveRight <->
+      MoveLeft and clockwise <-> counter-clockwise. Every video's random draws are unchanged (the
+      per-video shape is still drawn, then replaced), so only the object's shape and size differ.
+      Note: short CVRL runs on this option were NOT found to beat a random-init encoder on kNN (the
+      per-video background layout still solves instance discrimination); see tests/test_video_train.py.
+
+Deterministic for a seed: every video has its own generator seeded by (seed, split, class, n), and the
+encoders run single-threaded.
 
 Encoding uses PyAV (the `av` wheel bundles FFmpeg with libx264): `.mp4` files are H.264 (yuv420p,
 keyframe every 16 frames, B-frames on), `.avi` files MPEG-4 Part 2 like the UCF101 release (Xvid).
@@ -32,6 +47,8 @@ import numpy as np
 MOTIONS = ("MoveRight", "MoveLeft", "MoveDown", "MoveUp", "CircleClockwise", "CircleCounterclockwise",
            "Grow", "Shrink")
 SHAPES = ("disc", "square", "triangle", "ring")
+CLASS_SHAPES = ("disc", "square", "triangle", "ring", "cross", "hbar", "vbar", "frame")  # class_cues "shape+motion"
+CLASS_CUES = ("motion", "shape+motion")
 LIST_DIR = "ucfTrainTestlist"
 CLIPS_PER_GROUP = 2  # UCF101: clips cYY of one group gXX come from the same long video
 TEST_GROUP_EVERY = 4  # group g is in testlist01 when g % 4 == 1 (about a quarter of the videos)
@@ -86,6 +103,15 @@ def _mask(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: flo
         d = np.maximum(np.abs(u) * 1.732 + v - r, -v - 0.8 * r) * 0.5
     elif shape == "ring":
         d = np.abs(np.hypot(u, v) - 0.75 * r) - 0.3 * r
+    elif shape == "cross":
+        au, av = np.abs(u), np.abs(v)
+        d = np.minimum(np.maximum(au - r, av - 0.3 * r), np.maximum(au - 0.3 * r, av - r))
+    elif shape == "hbar":
+        d = np.maximum(np.abs(u) - r, np.abs(v) - 0.4 * r)
+    elif shape == "vbar":
+        d = np.maximum(np.abs(u) - 0.4 * r, np.abs(v) - r)
+    elif shape == "frame":
+        d = np.abs(np.maximum(np.abs(u), np.abs(v)) - 0.7 * r) - 0.22 * r
     else:
         raise ValueError(shape)
     return np.clip(0.5 - d / px, 0, 1)
@@ -122,9 +148,11 @@ def trajectory(cls: int, rng: np.random.Generator, frames: int) -> tuple[np.ndar
 
 
 def render_video(cls: int, rng: np.random.Generator, frames: int = 32, size: int | tuple[int, int] = 64,
-                 times: np.ndarray | None = None) -> np.ndarray:
+                 times: np.ndarray | None = None, class_cues: str = "motion") -> np.ndarray:
     """frames x H x W x 3 uint8 of class `cls`. `times` (0..1 per frame) samples the motion at irregular
-    instants (for variable-frame-rate videos); default: evenly."""
+    instants (for variable-frame-rate videos); default: evenly. `class_cues`: see the module docstring."""
+    if class_cues not in CLASS_CUES:
+        raise ValueError(f"class_cues {class_cues!r}: choose from {CLASS_CUES}")
     w, h = (size, size) if isinstance(size, int) else size
     side = max(w, h)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -144,6 +172,8 @@ def render_video(cls: int, rng: np.random.Generator, frames: int = 32, size: int
                   rng.uniform(0.1, 0.9) * h / side, rng.uniform(0.05, 0.1), px)[..., None]
         bg = bg * (1 - m) + m * _hsv(rng.uniform(), rng.uniform(0.3, 1), rng.uniform(0.3, 1))
     shape = SHAPES[rng.integers(len(SHAPES))]
+    if class_cues == "shape+motion":
+        shape = CLASS_SHAPES[cls % len(CLASS_SHAPES)]
     hue = rng.uniform()
     fg, fg2 = _hsv(hue, rng.uniform(0.5, 1), rng.uniform(0.7, 1)), _hsv((hue + 0.5) % 1, 0.6, 0.4)
     if times is None:
@@ -153,6 +183,8 @@ def render_video(cls: int, rng: np.random.Generator, frames: int = 32, size: int
         tx, ty, tr = trajectory(cls, rng, dense)
         grid = np.linspace(0, 1, dense)
         cx, cy, r = (np.interp(times, grid, a) for a in (tx, ty, tr))
+    if class_cues == "shape+motion":
+        r = r * 1.5
     cx, cy = cx * w / side, cy * h / side
     noise = rng.uniform(0.01, 0.04)
     flicker = 1 + rng.uniform(0, 0.06) * np.sin(2 * np.pi * rng.uniform(0.05, 0.2) * np.arange(frames))
@@ -268,7 +300,7 @@ def _container_for(container: str, n: int) -> str:
 
 def make_ucf(out: Path, classes: int, per_class: int, frames: int = 32, size: int = 64, fps: int = 16,
              seed: int = 0, container: str = "avi", with_bad_files: bool = False,
-             progress: bool = False) -> dict[str, str]:
+             progress: bool = False, class_cues: str = "motion") -> dict[str, str]:
     """Write a UCF101-layout tree. Returns {relative path: kind} of the bad-file zoo (empty without it)."""
     from tqdm import tqdm
     out = Path(out)
@@ -286,7 +318,7 @@ def make_ucf(out: Path, classes: int, per_class: int, frames: int = 32, size: in
             (test.append(rel) if g % TEST_GROUP_EVERY == 1 else train.append(f"{rel} {c + 1}"))
     for c, n, cont, rel in tqdm(jobs, desc="synthetic videos", unit="video", disable=not progress):
         rng = np.random.default_rng([seed, 0, c, n])
-        (out / rel).write_bytes(encode_video(render_video(c, rng, frames, size), fps, cont))
+        (out / rel).write_bytes(encode_video(render_video(c, rng, frames, size, class_cues=class_cues), fps, cont))
     zoo: dict[str, str] = {}
     if with_bad_files:
         data = bad_zoo_bytes(seed, frames, size, fps)
@@ -312,7 +344,7 @@ def _youtube_id(rng: np.random.Generator) -> str:
 
 def make_kinetics(out: Path, classes: int, per_class: int, val_per_class: int | None = None, frames: int = 32,
                   size: int = 64, fps: int = 16, seed: int = 0, with_bad_files: bool = False,
-                  progress: bool = False) -> dict[str, str]:
+                  progress: bool = False, class_cues: str = "motion") -> dict[str, str]:
     """Write a Kinetics-layout tree (train.csv, val.csv, train/<label>/, val/<label>/; H.264 MP4s).
     Returns {relative path: kind} of the bad-file zoo; a row whose file is missing has kind 'missing'."""
     from tqdm import tqdm
@@ -331,7 +363,7 @@ def make_kinetics(out: Path, classes: int, per_class: int, val_per_class: int | 
                 rows[split].append((label, yid, start, start + 10, split))
                 jobs.append((rng, c, f"{split}/{label}/{yid}_{start:06d}_{start + 10:06d}.mp4"))
     for rng, c, rel in tqdm(jobs, desc="synthetic videos", unit="video", disable=not progress):
-        (out / rel).write_bytes(encode_video(render_video(c, rng, frames, size), fps, "mp4"))
+        (out / rel).write_bytes(encode_video(render_video(c, rng, frames, size, class_cues=class_cues), fps, "mp4"))
     if with_bad_files:
         data = bad_zoo_bytes(seed, frames, size, fps)
         label = kinetics_label(0)

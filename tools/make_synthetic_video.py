@@ -12,7 +12,9 @@ OUT/{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 (H.264).
 
 Class c moves the main object with motion c % 8 (right, left, down, up, clockwise, counter-clockwise,
 grow, shrink) at speed tier c // 8; shape, colours, position, size, background, distractors and noise
-are drawn per video. Deterministic for a seed. --with-bad-files adds the converter's bad-input zoo
+are drawn per video. --class-cues shape+motion also gives class c its own object shape (one of 8, c % 8)
+and a 1.5x larger object, so that shape and motion both identify the class while colours and background
+stay nuisance (see pipeline/synthetic_video.py). Deterministic for a seed. --with-bad-files adds the converter's bad-input zoo
 (zero-byte, truncated, text named .mp4, header only, audio only, variable frame rate, H.264 4:4:4, odd
 size, 4000x3000) to the train split (UCF: listed in trainlist01.txt; Kinetics: rows of train.csv, plus a
 row whose file is missing). See pipeline/synthetic_video.py.
@@ -24,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.synthetic_video import make_kinetics, make_ucf
+from pipeline.synthetic_video import CLASS_CUES, make_kinetics, make_ucf
 
 
 def main(argv=None) -> int:
@@ -41,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--container", choices=("avi", "mp4", "mix"), default="avi",
                    help="UCF layout: avi (MPEG-4 Part 2), mp4 (H.264) or mix (alternating); Kinetics: always mp4")
     p.add_argument("--seed", type=int, default=0, help="seed (same seed, same bytes)")
+    p.add_argument("--class-cues", choices=CLASS_CUES, default="motion",
+                   help="what identifies a class: motion (default) or shape+motion (class c also fixes the shape)")
     p.add_argument("--with-bad-files", action="store_true", help="add the bad-input zoo to the train split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -48,10 +52,10 @@ def main(argv=None) -> int:
         p.error("want --classes >= 1, --per-class >= 0, --frames >= 2, --size >= 16, --fps >= 1")
     if a.layout == "ucf":
         make_ucf(Path(a.out), a.classes, a.per_class, a.frames, a.size, a.fps, a.seed, a.container,
-                 a.with_bad_files, progress=not a.no_progress)
+                 a.with_bad_files, progress=not a.no_progress, class_cues=a.class_cues)
     else:
         make_kinetics(Path(a.out), a.classes, a.per_class, a.val_per_class, a.frames, a.size, a.fps, a.seed,
-                      a.with_bad_files, progress=not a.no_progress)
+                      a.with_bad_files, progress=not a.no_progress, class_cues=a.class_cues)
     return 0
 
 
