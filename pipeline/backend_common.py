@@ -66,6 +66,9 @@ def prefetched(items: Iterable, depth: int, name: str) -> Iterator:
             put(None)
         except BaseException as e:  # handed to the consumer, raised there
             put((False, e))
+        finally:
+            if hasattr(items, "close"):  # a generator (maybe itself prefetched): stop it now
+                items.close()
 
     th = threading.Thread(target=produce, daemon=True, name=name)
     th.start()

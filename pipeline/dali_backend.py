@@ -84,8 +84,8 @@ class DaliBackend:
         return pipe
 
     def _run(self, encoded: list[np.ndarray], params: list[dict]):
-        """(views, crops): finished views {view: tensor} and uint8 crops {stream: (n, S, S, 3)} left for
-        torch_ops (all of them on the GPU)."""
+        """GPU: ({}, crops), the uint8 crops {stream: (n, S, S, 3)} for torch_ops. CPU: (pending, {}),
+        the decoded windows for `_views_of`."""
         if self._pipe is None:
             self._pipe = self._build()
         pipe = self._pipe
@@ -97,9 +97,10 @@ class DaliBackend:
             pipe.feed_input("roi_anchor", list(top_left.astype(np.int32)))
             pipe.feed_input("roi_shape", list((bottom_right - top_left).astype(np.int32)))
             out, = pipe.run()
-            images = [np.asarray(out[i]) for i in range(len(encoded))]  # views of DALI's buffer
-            views, crops = self._views.run(images, params, self.streams, origins=top_left)
-            return views, {s: torch.from_numpy(c) for s, c in crops.items()}
+            # copied out of DALI's buffer (reused by the next run): the views are made in another thread
+            # while DALI decodes the next batch (see iterate)
+            images = [np.array(out[i]) for i in range(len(encoded))]
+            return (images, params, top_left), {}
         for s, v in self.streams.items():
             box = params[v]["crop"].astype(np.float32)  # top, left, h, w
             pipe.feed_input(f"roi_start{s}", list(box[:, :2]))
@@ -156,12 +157,29 @@ class DaliBackend:
             encoded = [encoded[j] for j in ok]
             keep_a, labels, params = keep_a[ok_a], [labels[j] for j in ok], take(params, ok_a)
             views, crops = self._run(encoded, params) if ok else ({}, {})
-        return RawBatch(crops=crops, index=keep_a, label=np.asarray(labels, np.int64), params=params,
-                        skipped=skipped, views=views)
+        raw = RawBatch(crops=crops, index=keep_a, label=np.asarray(labels, np.int64), params=params,
+                       skipped=skipped)
+        if self._views is not None:
+            raw.views = views  # pending (images, params, origins) until _views_of
+        return raw
+
+    def _views_of(self, raw: RawBatch) -> RawBatch:
+        """CPU: cut and finish the views of a decoded batch (pipeline.cpu_views)."""
+        if isinstance(raw.views, tuple):
+            images, params, origins = raw.views
+            views, crops = self._views.run(images, params, self.streams, origins=origins)
+            raw.views, raw.crops = views, {s: torch.from_numpy(c) for s, c in crops.items()}
+        return raw
 
     def iterate(self, epoch: int, batches: list[np.ndarray]):
-        """RawBatches for `batches`, produced by a thread up to `prefetch` ahead."""
-        return prefetched((self.load(epoch, b) for b in batches), self.prefetch, "dali-producer")
+        """RawBatches for `batches`, produced by a thread up to `prefetch` ahead. On the CPU two threads:
+        one reads and decodes (DALI's threads), one makes the views (the cpu_views pool), so that
+        decoding batch k+1 overlaps the views of batch k."""
+        raw = (self.load(epoch, b) for b in batches)
+        if self._views is None:
+            return prefetched(raw, self.prefetch, "dali-producer")
+        decoded = prefetched(raw, 1, "dali-decode")
+        return prefetched((self._views_of(r) for r in decoded), self.prefetch, "cpu-views")
 
     def close(self):
         self._pipe = None
