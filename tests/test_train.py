@@ -1,6 +1,7 @@
 """End-to-end trainer tests on a small converted synthetic set (real pipeline, real processes).
 
-The dataset (8 classes x 30 train + 15 val images, converted at --max-side 64) is built once per module.
+The dataset (8 classes x 30 train + 15 val images, converted at --max-side 64) is built once per module;
+the learning test has its own (make_synthetic's --easy set, 8 classes x 40 + 40).
 Golden losses: regenerate with
     INFOVIEW_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_train.py -k golden
 """
@@ -197,28 +198,55 @@ def test_two_process_training_runs(data, tmp_path):
 
 
 # -- learning ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def easy_data(tmp_path_factory):
+    """make_synthetic's --easy set (every class its own shape *and* texture, larger objects, at most one
+    background blob), 8 classes x 40 train + 40 val images rendered at 64-96 px, converted at --max-side 64.
+    The `data` set's 8 classes differ by shape alone: no CPU-minute SimCLR run learns them (see
+    tools/make_synthetic.py)."""
+    from pipeline.convert import ConvertConfig, convert
+    from tools.make_synthetic import make
+    root = tmp_path_factory.mktemp("easy_data")
+    make(root / "src", classes=8, train_per_class=40, val_per_class=40, seed=0, progress=False, easy=True,
+         side_range=(64, 96))
+    for split in ("train", "val"):
+        convert(ConvertConfig(src=str(root / "src"), out=str(root / "out"), split=split, max_side=64,
+                              shard_size=64, workers=2, progress=False))
+    return root / "out"
+
+
+LEARNING_MARGIN = 15.0  # kNN@20 points; seeds 0-4 measured +23.1 to +32.5 (val: 320 images, SE ~2.8 points)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("INFOVIEW_LEARNING_TEST"),
-                    reason="known weak: short CPU SimCLR runs on this set beat random init by only ~3-6 kNN "
-                           "points (below this test's +8 margin); set INFOVIEW_LEARNING_TEST=1 to run it")
-def test_pretraining_beats_random_init_on_knn(data, tmp_path):
-    """Short SimCLR pretraining on the synthetic set beats the random-init encoder on kNN (val, 120 images)."""
+def test_pretraining_beats_random_init_on_knn(easy_data, tmp_path):
+    """800 steps of SimCLR (ResNet-18 width 8, CIFAR stem, 32 px, batch 16, crops of >= 30% of the image, no
+    blur, AdamW at a constant 3e-3 after a 1-epoch warm-up; ~1 min on one CPU thread) beat the random-init
+    encoder by >= LEARNING_MARGIN kNN@20 points on val (8 classes, chance 12.5%). The random encoder is the
+    trained one's initialisation (same --seed). INFOVIEW_LEARNING_SEED picks another seed."""
+    seed = os.environ.get("INFOVIEW_LEARNING_SEED", "0")
     out = tmp_path / "learn"
-    pretrain(["--method", "simclr", "--blur", "false", "--data", str(data), "--arch", "resnet18", "--width", "16",
-              "--cifar-stem", "--image-size", "32", "--proj-hidden", "128", "--proj-dim", "64", "--batch-size", "32",
-              "--epochs", "16", "--optimizer", "adamw", "--lr", "0.008", "--temperature", "0.2", "--weight-decay",
-              "1e-4", "--warmup-epochs", "1", "--knn-every", "0", "--progress", "false"], out)
+    t0 = time.time()
+    pretrain(["--method", "simclr", "--blur", "false", "--crop-min-scale", "0.3", "--data", str(easy_data),
+              "--arch", "resnet18", "--width", "8", "--cifar-stem", "--image-size", "32", "--proj-hidden", "128",
+              "--proj-dim", "64", "--batch-size", "16", "--epochs", "40", "--optimizer", "adamw", "--lr", "0.048",
+              "--min-lr-ratio", "1", "--temperature", "0.2", "--weight-decay", "1e-4", "--warmup-epochs", "1",
+              "--knn-every", "0", "--progress", "false", "--seed", seed], out, timeout=600)
+    t_pre = time.time() - t0
     res = {}
     for name, extra in (("trained", ["--backbone", str(out / "backbone.safetensors")]),
-                        ("random", ["--random-init", "--arch", "resnet18", "--width", "16", "--cifar-stem",
+                        ("random", ["--random-init", "--arch", "resnet18", "--width", "8", "--cifar-stem",
                                     "--image-size", "32"])):
-        r = subprocess.run([PY, str(ROOT / "train" / "linear_eval.py"), *extra, "--data", str(data),
-                            "--out", str(tmp_path / f"{name}.json"), "--iters", "50"], env=env1(),
+        r = subprocess.run([PY, str(ROOT / "train" / "linear_eval.py"), *extra, "--data", str(easy_data),
+                            "--out", str(tmp_path / f"{name}.json"), "--iters", "50", "--seed", seed], env=env1(),
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         res[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    print(res)
-    assert res["trained"]["knn@20"] >= res["random"]["knn@20"] + 8, res
+    tr, rd = res["trained"], res["random"]
+    print(f"seed {seed}: kNN@20 trained {tr['knn@20']:.1f} vs random init {rd['knn@20']:.1f} "
+          f"({tr['knn@20'] - rd['knn@20']:+.1f}); linear top-1 {tr['top1']:.1f} vs {rd['top1']:.1f}; "
+          f"pretraining {t_pre:.0f} s, in all {time.time() - t0:.0f} s")
+    assert tr["knn@20"] >= rd["knn@20"] + LEARNING_MARGIN, res
 
 
 def test_non_finite_loss_stops_or_skips(data, tmp_path):

@@ -3,11 +3,13 @@
     python tools/demo.py --out demo_out            # (`make demo`)
 
 Steps (each is the real command a user would run; their output is shown):
-  1. tools/make_synthetic.py       10 classes, --train-per-class / --val-per-class images
+  1. tools/make_synthetic.py       10 classes, --train-per-class / --val-per-class images, --easy (each
+     class its own shape and texture: learnable by a CPU-minutes run), rendered at 96-160 px
   2. tools/convert_imagenet.py     train and val, --max-side 96 (cheap CPU decode)
   3. tools/inspect_dataset.py      per-class counts and a contact sheet of OUT/data/train
-  4. accelerate launch --num_processes 1 train/pretrain.py   SimCLR (no blur at 32 px), ResNet-18 (CIFAR
-     stem, width 16), AdamW
+  4. accelerate launch --num_processes 1 train/pretrain.py   SimCLR (no blur at 32 px, crops of >= 30% of
+     the image), ResNet-18 (CIFAR stem, width 8), batch 16, AdamW at a constant 3e-3 after a 1-epoch warm-up
+     (the settings of tests/test_train.py's learning test)
   5. train/linear_eval.py          trained backbone and a --random-init encoder: kNN and linear probe
 Rerun semantics: the dataset steps are skipped when their outputs exist (conversion itself resumes);
 pretraining resumes from OUT/run's latest checkpoint (a finished run is not retrained) unless
@@ -42,10 +44,11 @@ def main(argv=None) -> dict:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--train-per-class", type=int, default=120)
     p.add_argument("--val-per-class", type=int, default=24)
-    p.add_argument("--epochs", type=int, default=40, help="pretraining epochs")
+    p.add_argument("--epochs", type=int, default=30, help="pretraining epochs")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--width", type=int, default=16, help="ResNet-18 first-stage width")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--width", type=int, default=8, help="ResNet-18 first-stage width")
+    p.add_argument("--batch-size", type=int, default=16, help="pretraining batch (--lr 0.048 is per 256, "
+                                                              "scaled linearly: 3e-3 at 16)")
     p.add_argument("--fresh", action="store_true", help="retrain from scratch (deletes OUT/run)")
     a = p.parse_args(argv)
     t0 = time.time()
@@ -55,7 +58,8 @@ def main(argv=None) -> dict:
 
     if not (src / "LOC_val_solution.csv").exists():
         run([PY, "tools/make_synthetic.py", "--out", src, "--classes", a.classes, "--train-per-class",
-             a.train_per_class, "--val-per-class", a.val_per_class, "--no-progress"], env)
+             a.train_per_class, "--val-per-class", a.val_per_class, "--easy", "--side-range", 96, 160,
+             "--no-progress"], env)
     for split in ("train", "val"):
         run([PY, "tools/convert_imagenet.py", "--src", src, "--out", data, "--split", split, "--max-side", 96,
              "--shard-size", 256, "--no-progress"], env)
@@ -69,8 +73,9 @@ def main(argv=None) -> dict:
         run([accelerate, "launch", "--num_processes", 1, "--num_machines", 1, "--mixed_precision", "no",
              "--dynamo_backend", "no", "train/pretrain.py", "--method", "simclr", "--blur", "false", "--data", data, "--arch", "resnet18", "--width", a.width, "--cifar-stem",
              "--image-size", a.image_size, "--batch-size", a.batch_size, "--epochs", a.epochs,
-             "--optimizer", "adamw", "--lr", 0.004, "--temperature", 0.2, "--weight-decay", 1e-4,
-             "--warmup-epochs", 1, "--proj-hidden", 256, "--proj-dim", 64, "--knn-every", 5,
+             "--crop-min-scale", 0.3, "--optimizer", "adamw", "--lr", 0.048, "--min-lr-ratio", 1,
+             "--temperature", 0.2, "--weight-decay", 1e-4, "--warmup-epochs", 1, "--proj-hidden", 128,
+             "--proj-dim", 64, "--knn-every", 5,
              "--ckpt-every", 100, "--out", run_dir, *resume], env)
     res = {}
     for name, extra in (("pretrained", ["--backbone", run_dir / "backbone.safetensors"]),

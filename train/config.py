@@ -64,6 +64,8 @@ class DataConfig:
     image_size: int = opt(224, "training crop size")
     recipe: str = opt("", "view recipe (pipeline/recipes.py); empty: the method's own")
     blur: bool = opt(True, "keep the recipe's Gaussian blur (SimCLR drops it for CIFAR-size images)")
+    crop_min_scale: float = opt(0.0, "lower bound of every random-resized crop's area fraction, in (0, 1] "
+                                     "(0: the recipe's own, e.g. simclr 0.08; small datasets use larger, e.g. 0.2-0.3)")
     knn_every: int = opt(1, "kNN monitor every N epochs (0: never)")
     knn_k: list = opt([20, 200], "neighbour counts of the kNN monitor")
     knn_temperature: float = opt(0.07, "temperature of the kNN vote weights exp(sim / T)")
@@ -134,6 +136,7 @@ class Config:
             (d.batch_size >= 2, "batch_size", "must be >= 2"),
             (d.image_size >= 8, "image_size", "must be >= 8"),
             (d.knn_every >= 0, "knn_every", "must be >= 0"),
+            (0 <= d.crop_min_scale <= 1, "crop_min_scale", "must be in (0, 1] (0: the recipe's own)"),
             (all(isinstance(k, int) and k >= 1 for k in d.knn_k), "knn_k", "must be positive ints"),
             (d.knn_temperature > 0, "knn_temperature", "must be > 0"),
             (d.knn_holdout >= 2, "knn_holdout", "must be >= 2"),

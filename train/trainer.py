@@ -83,6 +83,8 @@ class Trainer:
         recipe = d.recipe or method_cls.recipe
         self.video = uses_clips(cfg, method_cls)
         if self.video:  # clips (B x C x T x H x W) from a video split: pipeline/clips.py
+            if d.crop_min_scale:
+                raise ConfigError("--crop-min-scale applies to image recipes only")
             from pipeline.clips import build_clip_loader
             self.loader = build_clip_loader(d.data, "train", recipe, batch_size=d.batch_size, frames=d.frames,
                                             stride=d.stride, image_size=d.image_size, rank=self.rank,
@@ -94,6 +96,8 @@ class Trainer:
             if not d.blur:
                 spec = dataclasses.replace(spec, name=f"{spec.name}-noblur",
                                            views=tuple(dataclasses.replace(v, blur=None) for v in spec.views))
+            if d.crop_min_scale:
+                spec = with_crop_min_scale(spec, d.crop_min_scale)
             self.loader = build_loader(d.data, "train", spec, BACKEND[d.format], batch_size=d.batch_size,
                                        image_size=d.image_size, rank=self.rank, world_size=self.world,
                                        seed=cfg.run.seed, device=self.device.type)
@@ -340,6 +344,19 @@ def uses_clips(cfg: Config, method_cls) -> bool:
     if not video and arch in VIDEO_ARCHS:
         raise ConfigError(f"invalid value for 'arch': {arch!r} is a video backbone but {d.data}/train holds images")
     return video
+
+
+def with_crop_min_scale(spec, lo: float):
+    """`spec` with the lower bound of every random-resized crop's area range set to `lo` (--crop-min-scale)."""
+    views = []
+    for i, v in enumerate(spec.views):
+        if v.crop.kind == "random_resized":
+            if lo > v.crop.scale[1]:
+                raise ConfigError(f"invalid value for 'crop_min_scale': {lo} is above view {i}'s largest crop "
+                                  f"area {v.crop.scale[1]} (recipe {spec.name})")
+            v = dataclasses.replace(v, crop=dataclasses.replace(v.crop, scale=(lo, v.crop.scale[1])))
+        views.append(v)
+    return dataclasses.replace(spec, name=f"{spec.name}-crop{lo:g}", views=tuple(views))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
