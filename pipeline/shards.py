@@ -99,6 +99,29 @@ def check_jpeg(data: bytes | np.ndarray, validate: str = "markers") -> tuple[int
     return int(h), int(w)
 
 
+def shard_entries(split_dir: Path, sh: dict) -> tuple[Path, list[tuple[int, dict]]]:
+    """The tar of manifest shard `sh` and, per sample, (global index, {member ext: (offset, size)}) from its
+    DALI index (v1.2), with an error naming the file when either is missing or the index is malformed."""
+    tar, idx = split_dir / sh["tar"], split_dir / sh["idx"]
+    for p in (tar, idx):
+        if not p.is_file():
+            raise ShardError(f"shard file {p} is missing (listed in {split_dir / fmt.MANIFEST})")
+    try:
+        lines = idx.read_text().splitlines()
+    except OSError as e:
+        raise ShardError(f"cannot read shard index {idx}: {e}") from e
+    if not lines or not lines[0].startswith("v1.2"):
+        raise ShardError(f"{idx} is not a DALI index (v1.2)")
+    lines = lines[1:]
+    if len(lines) != sh["num_samples"]:
+        raise ShardError(f"{idx} lists {len(lines)} samples, the manifest says {sh['num_samples']}")
+    out = []
+    for j, line in enumerate(lines):
+        f = line.split(" ")
+        out.append((sh["first_index"] + j, {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f) - 3, 4)}))
+    return tar, out
+
+
 class ShardIndex:
     """Where every sample of OUT/<split> lives: shard number, offsets and sizes of its .jpg and
     .label.i64 members. Built from the .idx files (read once); bytes are read with os.pread."""
@@ -117,25 +140,10 @@ class ShardIndex:
         self.label_at = np.zeros((n, 2), np.int64)
         self.tars = []
         for k, sh in enumerate(shards):
-            tar, idx = self.dir / sh["tar"], self.dir / sh["idx"]
-            for p in (tar, idx):
-                if not p.is_file():
-                    raise ShardError(f"shard file {p} is missing (listed in {self.dir / fmt.MANIFEST})")
-            try:
-                lines = idx.read_text().splitlines()
-            except OSError as e:
-                raise ShardError(f"cannot read shard index {idx}: {e}") from e
-            if not lines or not lines[0].startswith("v1.2"):
-                raise ShardError(f"{idx} is not a DALI index (v1.2)")
-            lines = lines[1:]
-            if len(lines) != sh["num_samples"]:
-                raise ShardError(f"{idx} lists {len(lines)} samples, the manifest says {sh['num_samples']}")
-            for j, line in enumerate(lines):
-                f = line.split(" ")
-                members = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f) - 3, 4)}
+            tar, entries = shard_entries(self.dir, sh)
+            for j, (s, members) in enumerate(entries):
                 if "jpg" not in members or "label.i64" not in members:
-                    raise ShardError(f"{idx} line {j + 2}: no jpg / label.i64 member")
-                s = sh["first_index"] + j
+                    raise ShardError(f"{self.dir / sh['idx']} line {j + 2}: no jpg / label.i64 member")
                 self.shard[s] = k
                 self.jpg[s] = members["jpg"]
                 self.label_at[s] = members["label.i64"]

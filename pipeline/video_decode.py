@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dataset_format as fmt
-from .shards import BadSample, ShardError
+from .shards import BadSample, ShardError, shard_entries
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 DECODERS = ("pyav", "dali")
@@ -75,27 +75,12 @@ class VideoIndex:
         self.ext: list[str] = [""] * n
         self.tars: list[Path] = []
         for k, sh in enumerate(shards):
-            tar, idx = self.dir / sh["tar"], self.dir / sh["idx"]
-            for p in (tar, idx):
-                if not p.is_file():
-                    raise ShardError(f"shard file {p} is missing (listed in {self.dir / fmt.MANIFEST})")
-            try:
-                lines = idx.read_text().splitlines()
-            except OSError as e:
-                raise ShardError(f"cannot read shard index {idx}: {e}") from e
-            if not lines or not lines[0].startswith("v1.2"):
-                raise ShardError(f"{idx} is not a DALI index (v1.2)")
-            lines = lines[1:]
-            if len(lines) != sh["num_samples"]:
-                raise ShardError(f"{idx} lists {len(lines)} samples, the manifest says {sh['num_samples']}")
-            for j, line in enumerate(lines):
-                f = line.split(" ")
-                members = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f) - 3, 4)}
+            tar, entries = shard_entries(self.dir, sh)
+            for j, (s, members) in enumerate(entries):
                 ext = next((e for e in VIDEO_EXTS if e in members), None)
                 if ext is None or "json" not in members or "label.i64" not in members:
-                    raise ShardError(f"{idx} line {j + 2}: no video ({'/'.join(VIDEO_EXTS)}) / json / label.i64 "
-                                     f"member")
-                s = sh["first_index"] + j
+                    raise ShardError(f"{self.dir / sh['idx']} line {j + 2}: no video ({'/'.join(VIDEO_EXTS)}) / "
+                                     f"json / label.i64 member")
                 self.shard[s] = k
                 self.video[s] = members[ext]
                 self.meta_at[s] = members["json"]
