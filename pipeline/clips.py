@@ -380,9 +380,11 @@ class ClipBackend:
         return RawBatch(crops=crops, index=keep_a, label=np.asarray(labels, np.int64), params=params,
                         skipped=skipped)
 
-    def iterate(self, epoch: int, batches: list[np.ndarray]):
-        """RawBatches for `batches`, produced by a thread up to `prefetch` ahead."""
-        return prefetched((self.load(epoch, b) for b in batches), self.prefetch, "clip-producer")
+    def iterate(self, segments):
+        """RawBatches for `segments` ((epoch, index batches) pairs), produced by a thread up to `prefetch`
+        ahead."""
+        return prefetched((self.load(epoch, b) for epoch, batches in segments for b in batches), self.prefetch,
+                          "clip-producer")
 
     def close(self) -> None:
         if self._pool is not None:
@@ -442,14 +444,15 @@ def build_clip_loader(data: str | Path, split: str = "train", recipe: str | Clip
                       batch_size: int, frames: int = 16, stride: int = 2, image_size: int = 112, rank: int = 0,
                       world_size: int = 1, seed: int = 0, device: str = "cpu", decoder: str = "pyav",
                       num_workers: int = 2, shuffle: bool | None = None, drop_last: bool | None = None,
-                      return_aug: bool = False, prefetch: int = 2, blur: bool = True) -> ClipLoader:
+                      return_aug: bool = False, prefetch: int = 2, blur: bool = True,
+                      continuous: bool | None = None) -> ClipLoader:
     """A clip loader over the video split OUT/<split> (see the module docstring).
 
     recipe: "cvrl" (two clips, CVRL temporal sampling and augmentation), "eval" (one centred clip, centre
     crop, no augmentation), any image recipe name (its views become clip views), or a ClipSpec.
     decoder: "pyav" (CPU) or "dali" (DALI's video decoder, NVDEC when device="cuda"; falls back to PyAV
     where DALI cannot decode, see loader.stats["decoder"]). num_workers: decode threads. shuffle /
-    drop_last default to True for training recipes and False for "eval".
+    drop_last default to True for training recipes and False for "eval". continuous: as build_loader's.
     """
     spec = get_clip_recipe(recipe, image_size, frames, stride, blur)
     is_eval = spec.name == "eval"
@@ -465,4 +468,4 @@ def build_clip_loader(data: str | Path, split: str = "train", recipe: str | Clip
                      num_workers=num_workers, seed=seed, prefetch=prefetch)
     sampler = EpochSampler(num_samples=be.index.num_samples, batch_size=batch_size, rank=rank,
                            world_size=world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
-    return ClipLoader(be, spec, sampler, dev, return_aug)
+    return ClipLoader(be, spec, sampler, dev, return_aug, continuous=not is_eval if continuous is None else continuous)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import dataset_format as fmt
-from .backend_common import RawBatch, streams
+from .backend_common import RawBatch, prefetched, streams
 from .cpu_views import CpuViews
 from .params import crop_args, crop_box, sample_key, sample_params
 from .shards import ShardError, jpeg_check
@@ -131,9 +131,18 @@ class FfcvBackend:
         # on the CPU the photometric ops run per image in threads (pipeline.cpu_views); on a GPU, batched
         self._views = CpuViews(recipe, num_threads) if self.device.type == "cpu" else None
 
-    def iterate(self, epoch: int, batches: list[np.ndarray]):
-        if not batches:
-            return
+    def iterate(self, segments):
+        """RawBatches for `segments` ((epoch, index batches) pairs), made by a thread up to `prefetch` ahead
+        (ffcv's own threads decode; ours finishes the views and, at an epoch change, builds the next ffcv
+        Loader while the consumer still has batches)."""
+        return prefetched(self._raw(segments), self.prefetch, "ffcv-producer")
+
+    def _raw(self, segments):
+        for epoch, batches in segments:
+            if batches:
+                yield from self._epoch(epoch, batches)
+
+    def _epoch(self, epoch: int, batches: list[np.ndarray]):
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec

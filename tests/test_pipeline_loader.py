@@ -95,6 +95,34 @@ def test_determinism_epoch_and_resume(converted):
         mk(seed=5).load_state_dict(state)
 
 
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_continuous_reading_across_epochs_gives_the_same_batches(converted, backend):
+    """A training loader reads on into the next epoch when one ends; the batches are those of a loader
+    that stops at every epoch end, also after an early break, a set_epoch jump and a load_state_dict."""
+    data, _ = _split(converted)
+    mk = lambda continuous: build_loader(data, recipe="simclr", backend=backend, batch_size=8, image_size=16,
+                                         seed=2, num_threads=1, continuous=continuous)
+    ref = mk(False)
+    want = {e: _epoch((ref.set_epoch(e), ref)[1]) for e in (0, 1, 2, 4)}
+    assert ref._stream is None  # a stopping loader holds no producer between epochs
+    ld = mk(None)  # the default for a training recipe: continuous
+    assert ld.continuous and not build_loader(data, recipe="eval", batch_size=8, image_size=16).continuous
+    assert _same(_epoch(ld), want[0])
+    assert ld._stream is not None and ld._stream_at == (1, 0)  # already producing epoch 1
+    it = iter(ld)
+    got = [next(it) for _ in range(2)]
+    it.close()  # the consumer stops early: the stream stays at (1, 2)
+    assert ld._stream_at == (1, 2)
+    assert _same([(b["index"], b["views"]) for b in got] + _epoch(ld), want[1])
+    assert _same(_epoch(ld), want[2])
+    ld.set_epoch(4)  # a jump: the read-ahead of epoch 3 is dropped
+    assert _same(_epoch(ld), want[4])
+    ld.load_state_dict({**ld.state_dict(), "epoch": 1, "batch": 3})
+    assert _same(_epoch(ld), want[1][3:])
+    ld.close()
+    assert ld._stream is None
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_cover_the_epoch_once(converted, world):
     data, manifest = _split(converted)
