@@ -12,10 +12,14 @@ Why not decode at a fixed size and crop in torch: a small crop of a downscaled i
 The output of the decoder is one flat uint8 row per sample: the views' pixels back to back and a last
 byte that is 1 when the sample decoded. The loader drops flagged rows and counts them.
 
-Order and partition: `order=SEQUENTIAL` with `indices=` this rank's remaining order for the epoch
-(ffcv's non-distributed Sequential order returns `indices` as given). (seed, epoch) are constants of
-the decoder's compiled code, so a new ffcv Loader (and a numba compile, ~1-2 s) is made per epoch and
-per resume.
+Order and partition: `order=SEQUENTIAL` with `indices=` this rank's order for the epoch (ffcv's
+non-distributed Sequential order returns its `indices` as given). One ffcv Loader (one numba compile,
+2-4 s on 2 cores) serves every epoch: before each epoch the backend writes the epoch number into a
+one-element array that the compiled decoder reads at run time (`_u64_at`: numba would freeze a captured
+array's contents at compile time) and sets the Sequential order's `indices` to the new epoch's order.
+Why: building a Loader per epoch, as before, recompiled the decoder every epoch, which on the 8-batch
+epochs of `pipeline.bench` took longer than the epoch itself (ffcv ran at ~1.0x the PIL pipeline).
+A resumed epoch (fewer samples than a full one) gets its own Loader, compiled once.
 """
 
 from __future__ import annotations
@@ -34,6 +38,20 @@ from .shards import ShardError, jpeg_check
 from .spec import RecipeSpec
 
 
+def _u64_reader():
+    """A numba intrinsic: the uint64 stored at an integer address, read at run time."""
+    from llvmlite import ir
+    from numba import types as nbt
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def u64_at(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()))
+        return nbt.uint64(addr), codegen
+    return u64_at
+
+
 def _decoder_class():
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
@@ -41,10 +59,13 @@ def _decoder_class():
     from ffcv.pipeline.operation import Operation
 
     class ViewCropDecoder(Operation):
-        def __init__(self, geoms: list[tuple], seed: int, epoch: int):
-            """geoms: per stream (stream id, size, kind, smin, smax, rmin, rmax, center_fraction)."""
+        def __init__(self, geoms: list[tuple], seed: int, epoch_cell: np.ndarray):
+            """geoms: per stream (stream id, size, kind, smin, smax, rmin, rmax, center_fraction);
+            epoch_cell: uint64 (1,) array holding the epoch, read by the compiled code at run time (the
+            caller keeps it alive as long as the Loader)."""
             super().__init__()
-            self.geoms, self.seed, self.epoch = geoms, seed, epoch
+            assert epoch_cell.dtype == np.uint64 and epoch_cell.flags.c_contiguous
+            self.geoms, self.seed, self.epoch_cell = geoms, seed, epoch_cell
             self.total = sum(g[1] * g[1] * 3 for g in geoms)
 
         def declare_state_and_memory(self, previous_state):
@@ -63,10 +84,13 @@ def _decoder_class():
             g = np.array([[s, size, kind, 0, 0, 0, 0, 0] for s, size, kind, *_ in self.geoms], np.int64)
             gf = np.array([[smin, smax, rmin, rmax, cf] for *_, smin, smax, rmin, rmax, cf in self.geoms])
             nstreams = len(self.geoms)
-            seed, epoch, total = np.uint64(self.seed), np.uint64(self.epoch), self.total
+            seed, total = np.uint64(self.seed), self.total
+            epoch_addr = np.int64(self.epoch_cell.ctypes.data)
+            u64_at = _u64_reader()
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
+                epoch = u64_at(epoch_addr)
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
                     field = metadata[source_ix]
@@ -128,6 +152,8 @@ class FfcvBackend:
         self.streams = streams(recipe)
         self.geoms = [(s, recipe.views[v].size, *crop_args(recipe.views[v])) for s, v in self.streams.items()]
         self._Decoder = _decoder_class()
+        self._epoch_cell = np.zeros(1, np.uint64)
+        self._loaders = {}  # order length -> ffcv Loader (a full epoch's, and a resumed epoch's)
         # on the CPU the photometric ops run per image in threads (pipeline.cpu_views); on a GPU, batched
         self._views = CpuViews(recipe, num_threads) if self.device.type == "cpu" else None
 
@@ -142,16 +168,29 @@ class FfcvBackend:
             if batches:
                 yield from self._epoch(epoch, batches)
 
+    def _loader(self, order: np.ndarray):
+        """The ffcv Loader for orders of this length, set to yield `order` on its next iteration."""
+        loader = self._loaders.get(len(order))
+        if loader is None:
+            from ffcv.fields.basics import IntDecoder
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.pipeline import PipelineSpec
+            decoder = self._Decoder(self.geoms, self.seed, self._epoch_cell)
+            loader = Loader(str(self.path), batch_size=self.batch_size, num_workers=self.num_threads,
+                            order=OrderOption.SEQUENTIAL, indices=order, drop_last=False, os_cache=True,
+                            batches_ahead=self.prefetch,
+                            pipelines={"image": PipelineSpec("image", decoder=decoder),
+                                       "label": [IntDecoder()], "index": [IntDecoder()]})
+            self._loaders[len(order)] = loader
+        loader.traversal_order.indices = order  # what Sequential.sample_order returns (ffcv 1.0.x)
+        return loader
+
     def _epoch(self, epoch: int, batches: list[np.ndarray]):
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.pipeline import PipelineSpec
         order = np.concatenate(batches).astype(np.uint64)
-        loader = Loader(str(self.path), batch_size=self.batch_size, num_workers=self.num_threads,
-                        order=OrderOption.SEQUENTIAL, indices=order, drop_last=False, os_cache=True,
-                        batches_ahead=self.prefetch,
-                        pipelines={"image": PipelineSpec("image", decoder=self._Decoder(self.geoms, self.seed, epoch)),
-                                   "label": [IntDecoder()], "index": [IntDecoder()]})
+        loader = self._loader(order)
+        # the previous epoch's ffcv iterator has finished (the loop below ran to its end), so no batch
+        # of it is decoding while the epoch changes
+        self._epoch_cell[0] = epoch
         sizes = [g[1] for g in self.geoms]
         for b, (flat, label, index) in zip(batches, loader):
             flat, label, index = np.asarray(flat), np.asarray(label), np.asarray(index)
@@ -177,6 +216,7 @@ class FfcvBackend:
                            params=params, skipped=skipped, views=views)
 
     def close(self):
+        self._loaders.clear()
         if self._views is not None:
             self._views.close()
 
