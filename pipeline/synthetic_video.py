@@ -20,6 +20,16 @@ what identifies a class:
       per-video shape is still drawn, then replaced), so only the object's shape and size differ.
       Note: short CVRL runs on this option were NOT found to beat a random-init encoder on kNN (the
       per-video background layout still solves instance discrimination); see tests/test_video_train.py.
+  "easy": a set that a short CVRL run on a CPU learns (tests/test_video_train.py's learning test: 1000
+      steps with mocov2's weaker colour jitter; CVRL's own 0.8 jitter did not learn it in CPU minutes).
+      Class c fixes the object's shape, CLASS_SHAPES[c % 8], AND a texture on it (EASY_TEXTURES[c % 5],
+      tools/make_synthetic.py's `_texture`, in object coordinates, frequency EASY_TEXTURE_FREQ + speed
+      tier: a colour-invariant pattern that survives crops, as in that tool's --easy image set); the
+      object is EASY_SCALE x larger (radius at most EASY_MAX_R of the side) and moves with motion c % 8 as
+      above; the background is ONE plain colour per video: no gradient, blobs, distractors or flicker, so
+      no background layout identifies a video across its clips. Object colours (a texture colour pair),
+      position, size, motion phase and noise stay per-video nuisance. Different random draws from the
+      other options (its own renderer); "motion" and "shape+motion" are unchanged.
 
 Deterministic for a seed: every video has its own generator seeded by (seed, split, class, n), and the
 encoders run single-threaded.
@@ -48,7 +58,10 @@ MOTIONS = ("MoveRight", "MoveLeft", "MoveDown", "MoveUp", "CircleClockwise", "Ci
            "Grow", "Shrink")
 SHAPES = ("disc", "square", "triangle", "ring")
 CLASS_SHAPES = ("disc", "square", "triangle", "ring", "cross", "hbar", "vbar", "frame")  # class_cues "shape+motion"
-CLASS_CUES = ("motion", "shape+motion")
+CLASS_CUES = ("motion", "shape+motion", "easy")
+EASY_TEXTURES = ("stripes", "checker", "dots", "waves", "rings")  # class_cues "easy": texture c % 5
+EASY_TEXTURE_FREQ = 2.0  # class_cues "easy": texture frequency (tools/make_synthetic.py's units), +1 per speed tier
+EASY_SCALE, EASY_MAX_R = 3.2, 0.45  # class_cues "easy": object radius x EASY_SCALE, at most EASY_MAX_R of the side
 LIST_DIR = "ucfTrainTestlist"
 CLIPS_PER_GROUP = 2  # UCF101: clips cYY of one group gXX come from the same long video
 TEST_GROUP_EVERY = 4  # group g is in testlist01 when g % 4 == 1 (about a quarter of the videos)
@@ -147,12 +160,23 @@ def trajectory(cls: int, rng: np.random.Generator, frames: int) -> tuple[np.ndar
     return np.asarray(cx, np.float64), np.asarray(cy, np.float64), np.asarray(r, np.float64)
 
 
+def _trajectory_at(cls: int, rng: np.random.Generator, frames: int, times: np.ndarray | None):
+    """trajectory() at `frames` even instants, or at `times` (0..1) interpolated from a dense one."""
+    if times is None:
+        return trajectory(cls, rng, frames)
+    dense = 1024
+    grid = np.linspace(0, 1, dense)
+    return tuple(np.interp(times, grid, a) for a in trajectory(cls, rng, dense))
+
+
 def render_video(cls: int, rng: np.random.Generator, frames: int = 32, size: int | tuple[int, int] = 64,
                  times: np.ndarray | None = None, class_cues: str = "motion") -> np.ndarray:
     """frames x H x W x 3 uint8 of class `cls`. `times` (0..1 per frame) samples the motion at irregular
     instants (for variable-frame-rate videos); default: evenly. `class_cues`: see the module docstring."""
     if class_cues not in CLASS_CUES:
         raise ValueError(f"class_cues {class_cues!r}: choose from {CLASS_CUES}")
+    if class_cues == "easy":
+        return _render_easy(cls, rng, frames, size, times)
     w, h = (size, size) if isinstance(size, int) else size
     side = max(w, h)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -176,13 +200,7 @@ def render_video(cls: int, rng: np.random.Generator, frames: int = 32, size: int
         shape = CLASS_SHAPES[cls % len(CLASS_SHAPES)]
     hue = rng.uniform()
     fg, fg2 = _hsv(hue, rng.uniform(0.5, 1), rng.uniform(0.7, 1)), _hsv((hue + 0.5) % 1, 0.6, 0.4)
-    if times is None:
-        cx, cy, r = trajectory(cls, rng, frames)
-    else:
-        dense = 1024
-        tx, ty, tr = trajectory(cls, rng, dense)
-        grid = np.linspace(0, 1, dense)
-        cx, cy, r = (np.interp(times, grid, a) for a in (tx, ty, tr))
+    cx, cy, r = _trajectory_at(cls, rng, frames, times)
     if class_cues == "shape+motion":
         r = r * 1.5
     cx, cy = cx * w / side, cy * h / side
@@ -193,6 +211,39 @@ def render_video(cls: int, rng: np.random.Generator, frames: int = 32, size: int
         m = _mask(shape, x, y, cx[t], cy[t], r[t], px)[..., None]
         shade = 0.8 + 0.2 * np.clip(1 - ((x - cx[t]) + (y - cy[t])) / max(r[t], 1e-3), 0, 2)[..., None] / 2
         img = (bg * (1 - m) + m * (fg * shade * 0.85 + fg2 * 0.15)) * flicker[t]
+        img = img + rng.normal(0, noise, img.shape).astype(np.float32)
+        out[t] = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return out
+
+
+def _render_easy(cls: int, rng: np.random.Generator, frames: int, size: int | tuple[int, int],
+                 times: np.ndarray | None) -> np.ndarray:
+    """render_video for class_cues "easy" (see the module docstring)."""
+    from tools.make_synthetic import TEXTURES, _texture  # the image set's --easy textures
+    w, h = (size, size) if isinstance(size, int) else size
+    side = max(w, h)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    x, y = (x + 0.5) / side, (y + 0.5) / side
+    px = 1.0 / side
+    shape = CLASS_SHAPES[cls % len(CLASS_SHAPES)]
+    texture = EASY_TEXTURES[cls % len(EASY_TEXTURES)]
+    assert texture in TEXTURES
+    freq = EASY_TEXTURE_FREQ + 1.0 * (cls // len(CLASS_SHAPES))
+    bg = _hsv(rng.uniform(), rng.uniform(0.1, 0.8), rng.uniform(0.2, 0.9))  # one plain colour per video
+    hue = rng.uniform()
+    fg1 = _hsv(hue, rng.uniform(0.5, 1), rng.uniform(0.7, 1))
+    fg2 = _hsv((hue + rng.uniform(0.3, 0.7)) % 1, rng.uniform(0.3, 1), rng.uniform(0.05, 0.5))
+    cx, cy, r = _trajectory_at(cls, rng, frames, times)
+    r = np.minimum(r * EASY_SCALE, EASY_MAX_R)
+    cx, cy = cx * w / side, cy * h / side
+    noise = rng.uniform(0.005, 0.03)
+    out = np.empty((frames, h, w, 3), np.uint8)
+    for t in range(frames):
+        u, v = (x - cx[t]) / r[t], (y - cy[t]) / r[t]
+        m = _mask(shape, x, y, cx[t], cy[t], r[t], px)[..., None]
+        tex = _texture(texture, u, v, freq)[..., None]
+        shade = 0.75 + 0.25 * np.clip(1 - (u + v) * 0.3, 0, 1)[..., None]
+        img = bg * (1 - m) + m * (fg1 * tex + fg2 * (1 - tex)) * shade
         img = img + rng.normal(0, noise, img.shape).astype(np.float32)
         out[t] = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
     return out

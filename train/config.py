@@ -65,7 +65,8 @@ class DataConfig:
     recipe: str = opt("", "view recipe (pipeline/recipes.py); empty: the method's own")
     blur: bool = opt(True, "keep the recipe's Gaussian blur (SimCLR drops it for CIFAR-size images)")
     crop_min_scale: float = opt(0.0, "lower bound of every random-resized crop's area fraction, in (0, 1] "
-                                     "(0: the recipe's own, e.g. simclr 0.08; small datasets use larger, e.g. 0.2-0.3)")
+                                     "(0: the recipe's own, e.g. simclr 0.08; small datasets use larger, e.g. 0.2-0.3); "
+                                     "image and clip recipes")
     knn_every: int = opt(1, "kNN monitor every N epochs (0: never)")
     knn_k: list = opt([20, 200], "neighbour counts of the kNN monitor")
     knn_temperature: float = opt(0.07, "temperature of the kNN vote weights exp(sim / T)")

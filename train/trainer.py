@@ -83,10 +83,8 @@ class Trainer:
         recipe = d.recipe or method_cls.recipe
         self.video = uses_clips(cfg, method_cls)
         if self.video:  # clips (B x C x T x H x W) from a video split: pipeline/clips.py
-            if d.crop_min_scale:
-                raise ConfigError("--crop-min-scale applies to image recipes only")
             from pipeline.clips import build_clip_loader
-            self.loader = build_clip_loader(d.data, "train", recipe, batch_size=d.batch_size, frames=d.frames,
+            self.loader = build_clip_loader(d.data, "train", clip_recipe(d, recipe), batch_size=d.batch_size, frames=d.frames,
                                             stride=d.stride, image_size=d.image_size, rank=self.rank,
                                             world_size=self.world, seed=cfg.run.seed, device=self.device.type,
                                             decoder=d.decoder, blur=d.blur)
@@ -344,6 +342,17 @@ def uses_clips(cfg: Config, method_cls) -> bool:
     if not video and arch in VIDEO_ARCHS:
         raise ConfigError(f"invalid value for 'arch': {arch!r} is a video backbone but {d.data}/train holds images")
     return video
+
+
+def clip_recipe(d, recipe: str):
+    """The clip recipe `recipe` at the run's frames / stride / size / blur, with --crop-min-scale applied to
+    its spatial views (every frame of a clip is cropped alike, so the same lower bound holds)."""
+    from pipeline.clips import get_clip_recipe
+    clip = get_clip_recipe(recipe, d.image_size, d.frames, d.stride, d.blur)
+    if d.crop_min_scale:
+        clip = dataclasses.replace(clip, name=f"{clip.name}-crop{d.crop_min_scale:g}",
+                                   spatial=with_crop_min_scale(clip.spatial, d.crop_min_scale))
+    return clip
 
 
 def with_crop_min_scale(spec, lo: float):
