@@ -117,3 +117,22 @@ def test_empty_is_a_usable_tensor():
     assert float(v.sum()) == 2.0 * 3 * 224 * 224  # the mapping outlives the batch tensor through its views
     small = empty((2, 3), torch.uint8)
     assert small.dtype == torch.uint8 and small.shape == (2, 3)
+
+
+@pytest.mark.parametrize("keep_as", ["tensor", "view", "numpy", "none"])
+def test_empty_reuses_a_region_only_when_nothing_holds_it(keep_as):
+    shape = (8, 3, 224, 224)  # 4.8 MB: from the huge-page pool
+    a = empty(shape)
+    a.fill_(7.0)
+    held = {"tensor": a, "view": a[2:5], "numpy": a.numpy()[1], "none": None}[keep_as]
+    ptr = a.data_ptr()
+    del a
+    b = empty(shape)  # while `held` lives, the region must not be handed out again
+    if keep_as == "none":
+        assert b.data_ptr() == ptr  # reused: already mapped, no page faults
+    else:
+        assert b.data_ptr() != ptr
+        b.fill_(-1.0)
+        assert float(torch.as_tensor(held).min()) == 7.0  # the held batch is intact
+    del held, b
+    assert empty(shape).data_ptr() == ptr
