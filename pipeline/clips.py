@@ -57,11 +57,11 @@ from numba import njit
 
 from . import torch_ops
 from .backend_common import RawBatch, prefetched, take
-from .loader import ViewLoader
+from .loader import ViewLoader, loader_setup
 from .params import sample_key, uniform, view_params
 from .recipes import RECIPES, eval_recipe, get_recipe
 from .sampler import EpochSampler
-from .shards import BadSample, ShardError
+from .shards import BadSample
 from .spec import BlurSpec, CropSpec, JitterSpec, RecipeSpec, ViewSpec
 from .video_decode import DaliVideoDecoder, VideoIndex, crop_resize, make_decoder, manifest_kind, pyav_decode
 
@@ -455,17 +455,9 @@ def build_clip_loader(data: str | Path, split: str = "train", recipe: str | Clip
     drop_last default to True for training recipes and False for "eval". continuous: as build_loader's.
     """
     spec = get_clip_recipe(recipe, image_size, frames, stride, blur)
-    is_eval = spec.name == "eval"
-    shuffle = (not is_eval) if shuffle is None else shuffle
-    drop_last = (not is_eval) if drop_last is None else drop_last
-    split_dir = Path(data) / split
-    if not split_dir.is_dir():
-        raise ShardError(f"{split_dir} does not exist: no converted split {split!r} under {data}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    split_dir, dev, order = loader_setup(spec.name, data, split, device, shuffle, drop_last, continuous)
     be = ClipBackend(split_dir, spec, batch_size=batch_size, decoder=decoder, device=device,
                      num_workers=num_workers, seed=seed, prefetch=prefetch)
     sampler = EpochSampler(num_samples=be.index.num_samples, batch_size=batch_size, rank=rank,
-                           world_size=world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
-    return ClipLoader(be, spec, sampler, dev, return_aug, continuous=not is_eval if continuous is None else continuous)
+                           world_size=world_size, seed=seed, shuffle=order["shuffle"], drop_last=order["drop_last"])
+    return ClipLoader(be, spec, sampler, dev, return_aug, continuous=order["continuous"])

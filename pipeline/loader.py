@@ -173,15 +173,7 @@ def build_loader(data: str | Path, split: str = "train", recipe: str | RecipeSpe
     for training recipes, False for "eval" (read once, then idle).
     """
     spec = get_recipe(recipe, image_size)
-    is_eval = spec.name == "eval"
-    shuffle = (not is_eval) if shuffle is None else shuffle
-    drop_last = (not is_eval) if drop_last is None else drop_last
-    split_dir = Path(data) / split
-    if not split_dir.is_dir():
-        raise ShardError(f"{split_dir} does not exist: no converted split {split!r} under {data}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    split_dir, dev, order = loader_setup(spec.name, data, split, device, shuffle, drop_last, continuous)
     if backend == "dali":
         from .dali_backend import DaliBackend
         be = DaliBackend(split_dir, spec, batch_size=batch_size, device=device, num_threads=num_threads,
@@ -197,5 +189,21 @@ def build_loader(data: str | Path, split: str = "train", recipe: str | RecipeSpe
     else:
         raise KeyError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     sampler = EpochSampler(num_samples=n, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                           shuffle=shuffle, drop_last=drop_last)
-    return ViewLoader(be, spec, sampler, dev, return_aug, continuous=not is_eval if continuous is None else continuous)
+                           shuffle=order["shuffle"], drop_last=order["drop_last"])
+    return ViewLoader(be, spec, sampler, dev, return_aug, continuous=order["continuous"])
+
+
+def loader_setup(recipe_name: str, data, split: str, device: str, shuffle: bool | None, drop_last: bool | None,
+                 continuous: bool | None) -> tuple[Path, torch.device, dict]:
+    """What build_loader and build_clip_loader share: the split directory (it must exist), the device
+    (CUDA must be there when asked for) and the defaults of shuffle / drop_last / continuous (True for
+    training recipes, False for "eval")."""
+    train = recipe_name != "eval"
+    split_dir = Path(data) / split
+    if not split_dir.is_dir():
+        raise ShardError(f"{split_dir} does not exist: no converted split {split!r} under {data}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    pick = lambda v: train if v is None else bool(v)  # noqa: E731
+    return split_dir, dev, {"shuffle": pick(shuffle), "drop_last": pick(drop_last), "continuous": pick(continuous)}
