@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from train_helpers import env1, trained_vs_random
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +27,6 @@ GOLDEN = ROOT / "tests" / "assets" / "golden_losses.json"
 
 TINY = ["--arch", "resnet18", "--width", "8", "--cifar-stem", "--image-size", "32", "--proj-hidden", "64",
         "--proj-dim", "32", "--progress", "false"]
-
-
-def env1():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -233,19 +230,10 @@ def test_pretraining_beats_random_init_on_knn(easy_data, tmp_path):
               "--min-lr-ratio", "1", "--temperature", "0.2", "--weight-decay", "1e-4", "--warmup-epochs", "1",
               "--knn-every", "0", "--progress", "false", "--seed", seed], out, timeout=600)
     t_pre = time.time() - t0
-    res = {}
-    for name, extra in (("trained", ["--backbone", str(out / "backbone.safetensors")]),
-                        ("random", ["--random-init", "--arch", "resnet18", "--width", "8", "--cifar-stem",
-                                    "--image-size", "32"])):
-        r = subprocess.run([PY, str(ROOT / "train" / "linear_eval.py"), *extra, "--data", str(easy_data),
-                            "--out", str(tmp_path / f"{name}.json"), "--iters", "50", "--seed", seed], env=env1(),
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        res[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    random_args = ["--arch", "resnet18", "--width", "8", "--cifar-stem", "--image-size", "32"]
+    res, line = trained_vs_random(out / "backbone.safetensors", random_args, easy_data, tmp_path, seed)
     tr, rd = res["trained"], res["random"]
-    print(f"seed {seed}: kNN@20 trained {tr['knn@20']:.1f} vs random init {rd['knn@20']:.1f} "
-          f"({tr['knn@20'] - rd['knn@20']:+.1f}); linear top-1 {tr['top1']:.1f} vs {rd['top1']:.1f}; "
-          f"pretraining {t_pre:.0f} s, in all {time.time() - t0:.0f} s")
+    print(line + f"; pretraining {t_pre:.0f} s, in all {time.time() - t0:.0f} s")
     assert tr["knn@20"] >= rd["knn@20"] + LEARNING_MARGIN, res
 
 
