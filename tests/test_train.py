@@ -2,7 +2,8 @@
 
 The dataset (8 classes x 30 train + 15 val images, converted at --max-side 64) is built once per module;
 the learning test has its own (make_synthetic's --easy set, 8 classes x 40 + 40).
-Golden losses: regenerate with
+Golden losses (float64 trajectory and the first float32 steps, checked under several MKL / oneDNN /
+thread variants): regenerate with
     INFOVIEW_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_train.py -k golden
 """
 
@@ -88,28 +89,70 @@ def test_method_trains_on_pipeline_batch(data, method):
 
 
 # -- golden losses -----------------------------------------------------------------------------
-def test_golden_losses(data, tmp_path):
-    """First losses of a fixed tiny SimCLR run (1 process, CPU) against tests/assets/golden_losses.json."""
-    args = ["--method", "simclr", "--data", str(data), *TINY, "--batch-size", "16", "--epochs", "1",
-            "--max-steps", "5", "--log-every", "1", "--optimizer", "sgd", "--lr", "0.5", "--warmup-epochs", "0",
-            "--knn-every", "0"]
-    pretrain(args, tmp_path / "run")
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if r["kind"] == "train"]
-    assert len(losses) == 5
-    if os.environ.get("INFOVIEW_REGEN_GOLDEN"):
+# Why float64 for the trajectory: this tiny net at lr 0.5 is chaotic. In float32, a rounding
+# difference of 1e-7 between the BLAS / oneDNN kernels one CPU picks and another's (MKL on an AMD
+# EPYC, another thread count) grew to 0.6-3% by step 2, so float32 losses past step 1 cannot be
+# committed. In float64 the same five steps are identical under every variant below. The float32
+# path users run is still pinned: its first two losses (the initial forward pass, and one optimizer
+# step) agree to ~1e-5 relative across all variants; the tolerance is 10x that.
+GOLDEN_VARIANTS = {  # the CPU code paths the golden numbers must hold on (env overrides)
+    "default": {},
+    "mkl-avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "mkl-sse4_2": {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "mkl-cbwr-compatible": {"MKL_CBWR": "COMPATIBLE"},
+    "onednn-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "aten-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},  # torch's own kernels as on a CPU without AVX-512
+    "omp-2-threads": {"OMP_NUM_THREADS": "2"},
+}
+GOLDEN_RUN = ["--method", "simclr", *TINY, "--batch-size", "16", "--epochs", "1", "--max-steps", "5",
+              "--log-every", "1", "--optimizer", "sgd", "--lr", "0.5", "--warmup-epochs", "0", "--knn-every", "0"]
+GOLDEN_TOL = {"fp64": 1e-7, "fp32": 1e-4}  # relative; observed spread: 0 (fp64), 7e-6 (fp32, steps 0-1)
+GOLDEN_STEPS = {"fp64": 5, "fp32": 2}
+
+
+def _golden_losses(data, out, precision, extra_env):
+    args = ["--data", str(data), *GOLDEN_RUN, "--mixed-precision", "fp64" if precision == "fp64" else "no"]
+    cmd = [PY, str(ROOT / "train" / "pretrain.py"), *args, "--out", str(out)]
+    r = subprocess.run(cmd, env={**env1(), **extra_env}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"][:GOLDEN_STEPS[precision]]
+
+
+@pytest.mark.parametrize("variant", list(GOLDEN_VARIANTS))
+@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+def test_golden_losses(data, tmp_path, precision, variant):
+    """Losses of a fixed tiny SimCLR run (1 process, CPU) against tests/assets/golden_losses.json, under
+    each CPU code path of GOLDEN_VARIANTS (MKL instruction sets and reproducibility mode, oneDNN ISA,
+    threads): the committed numbers catch code drift, not the CPU."""
+    regen = os.environ.get("INFOVIEW_REGEN_GOLDEN")
+    if regen and variant != "default":
+        pytest.skip("regenerating: only the default variant writes")
+    losses = _golden_losses(data, tmp_path / "run", precision, GOLDEN_VARIANTS[variant])
+    assert len(losses) == GOLDEN_STEPS[precision], losses
+    if regen:
+        gold = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+        gold.update({"command": "train/pretrain.py --data DATA " + " ".join(GOLDEN_RUN) + " --mixed-precision "
+                                "fp64|no",
+                     "regenerate": "INFOVIEW_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_train.py -k golden",
+                     "dataset": "make_synthetic(classes=8, train_per_class=30, val_per_class=15, seed=0), "
+                                "convert(max_side=64, shard_size=64)",
+                     "torch": torch.__version__})
+        gold.setdefault("losses", {})[precision] = losses
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(json.dumps({"command": "train/pretrain.py " + " ".join("DATA" if x == str(data) else x
-                                                                                for x in args),
-                                      "regenerate": "INFOVIEW_REGEN_GOLDEN=1 .venv/bin/python -m pytest "
-                                                    "tests/test_train.py -k golden",
-                                      "dataset": "make_synthetic(classes=8, train_per_class=30, val_per_class=15, "
-                                                 "seed=0), convert(max_side=64, shard_size=64)",
-                                      "torch": torch.__version__, "losses": losses}, indent=2) + "\n")
-        pytest.skip("golden losses regenerated")
-    gold = json.loads(GOLDEN.read_text())["losses"]
-    for got, want in zip(losses, gold):
-        assert abs(got - want) <= 1e-4 * abs(want), (losses, gold)
+        GOLDEN.write_text(json.dumps(gold, indent=2) + "\n")
+        pytest.skip(f"golden {precision} losses regenerated")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        # torch's uint8 antialiased resize (the CPU view executor) rounds differently in its scalar
+        # kernel, so the views themselves differ by a grey level here and there on such a CPU.
+        pytest.skip(f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}: the golden views "
+                    "were made with torch's AVX2 kernels")
+    gold = json.loads(GOLDEN.read_text())["losses"][precision]
+    assert len(gold) == len(losses), f"{GOLDEN} holds {len(gold)} {precision} losses, the run logs {len(losses)}"
+    tol = GOLDEN_TOL[precision]
+    bad = [(i, got, want) for i, (got, want) in enumerate(zip(losses, gold)) if abs(got - want) > tol * abs(want)]
+    assert not bad, (f"{precision} losses {losses} differ from {gold} beyond {tol:g} relative at steps "
+                     f"{[i for i, *_ in bad]}; if the change is intended, regenerate (see {GOLDEN.name})")
 
 
 # -- resume --------------------------------------------------------------------------------------

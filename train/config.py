@@ -47,8 +47,9 @@ class RunConfig:
     ckpt_every: int = opt(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_ckpts: int = opt(2, "checkpoints kept in --out/checkpoints (the newest ones)")
     log_every: int = opt(10, "write a metrics.jsonl row every N steps")
-    mixed_precision: Literal["auto", "no", "bf16"] = opt(
-        "auto", "'auto': bf16 on CUDA, full precision on CPU")
+    mixed_precision: Literal["auto", "no", "bf16", "fp64"] = opt(
+        "auto", "'auto': bf16 on CUDA, full precision on CPU; 'fp64': float64 weights, inputs and losses "
+                "(for numerical regression tests: a float64 run agrees across CPUs and BLAS code paths)")
     deterministic: bool = opt(True, "torch.use_deterministic_algorithms (CPU runs are bit-exact on resume)")
     nan_policy: Literal["stop", "skip"] = opt(
         "stop", "non-finite loss: 'stop' (names the step and the last checkpoint) or 'skip' the step")

@@ -49,6 +49,8 @@ def _accelerator(cfg: Config):
     mp = cfg.run.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
+    elif mp == "fp64":
+        mp = "no"  # accelerate has no float64 mode: the trainer casts the model and the views itself
     log_with = None
     try:
         import tensorboard  # noqa: F401
@@ -108,6 +110,9 @@ class Trainer:
         # Same seed on every rank: identical initial weights, banks and queues.
         torch.manual_seed(cfg.run.seed)
         self.method = method_cls(cfg, n_data, self.total_steps, [v.num_channels for v in spec.views])
+        self.dtype = torch.float64 if cfg.run.mixed_precision == "fp64" else None
+        if self.dtype is not None:
+            self.method.to(self.dtype)
         self.lr = lr_schedule(cfg, self.steps_per_epoch, self.world)
         check_schedule(self.lr, self.total_steps, "lr")
         opt = build_optimizer(cfg, self.method, peak_lr(cfg, self.world))
@@ -232,7 +237,7 @@ class Trainer:
     def _step(self, batch, unwrapped) -> float:
         st, cfg = self.state, self.cfg
         batch = self._equal_batch(batch)
-        views = [v.to(self.device, non_blocking=True) for v in batch["views"]]
+        views = [v.to(self.device, dtype=self.dtype, non_blocking=True) for v in batch["views"]]
         index = batch["index"].to(self.device)
         with self.acc.autocast():
             loss, _ = self.model(views, index, st.step)
@@ -257,7 +262,7 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         unwrapped.after_step(st.step)
-        return float(self.acc.reduce(loss.detach().float(), "mean").item())
+        return float(self.acc.reduce(loss.detach().to(self.dtype or torch.float32), "mean").item())
 
     def _epoch_end(self, epoch: int):
         cfg, st = self.cfg, self.state
