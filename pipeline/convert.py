@@ -35,11 +35,12 @@ from tqdm import tqdm
 
 from . import dataset_format as fmt
 from .atomic import atomic_open, atomic_write_json, remove_partials
-from .image_codec import DEFAULT_MAX_PIXELS, BadImage, normalize_image, try_passthrough
+from .image_codec import DEFAULT_MAX_PIXELS, DEFAULT_VERIFY, VERIFY_MODES, BadImage, normalize_image, try_passthrough
 from .wds_writer import ShardWriter
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PROGRESS = ".progress.json"
+KEPT = ("passthrough", "trimmed")  # actions that store the source's own bytes (or a prefix of them)
 STAGING = ".staging"
 VAL_LABEL_FILES = ("LOC_val_solution.csv",)
 
@@ -62,7 +63,7 @@ class ConvertConfig:
     strict: bool = False
     limit: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
-    verify: str = "header"
+    verify: str = DEFAULT_VERIFY
     val_labels: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -80,8 +81,8 @@ class ConvertConfig:
             raise ConversionError("--quality must be in 1..100")
         if self.limit is not None and self.limit < 1:
             raise ConversionError("--limit must be >= 1")
-        if self.verify not in ("header", "decode"):
-            raise ConversionError("--verify must be 'header' or 'decode'")
+        if self.verify not in VERIFY_MODES:
+            raise ConversionError(f"--verify must be one of {', '.join(VERIFY_MODES)}; got {self.verify!r}")
         if not self.split or "/" in self.split:
             raise ConversionError("--split must be a plain name such as train or val")
         if self.workers <= 0:
@@ -219,12 +220,16 @@ def _read(path: str) -> bytes:
 
 
 def _process(job, data: bytes | None = None):
-    """Read (unless given) and normalise one file. Returns (ok, payload) and never raises."""
+    """Read (unless given) and normalise one file. Returns (ok, payload) and never raises. A file kept as
+    it is (pass-through, or trimmed after its EOI) comes back as its length instead of its bytes: the
+    parent already holds them (see _results)."""
     path, max_side, quality, max_pixels, verify = job
     try:
         if data is None:
             data = _read(path)
         enc = normalize_image(data, max_side=max_side, quality=quality, max_pixels=max_pixels, verify=verify)
+        if enc.action in KEPT and data.startswith(enc.jpeg):
+            return True, (len(enc.jpeg), enc.width, enc.height, enc.action)
         return True, (enc.jpeg, enc.width, enc.height, enc.action)
     except BadImage as e:
         return False, str(e)
@@ -233,16 +238,18 @@ def _process(job, data: bytes | None = None):
 
 
 def _triage(job):
-    """Parent side: read the file and settle everything a header decides (pass-through, most bad
-    files). Returns a result, or None when the file must be decoded (sent to a worker)."""
+    """Parent side: read the file and settle everything a header decides (pass-through with
+    --verify header, most bad files). Returns (result or None when a worker must decode it, the bytes)."""
     path, max_side, _quality, max_pixels, verify = job
+    data = b""
     try:
-        enc = try_passthrough(_read(path), max_side=max_side, max_pixels=max_pixels, verify=verify)
+        data = _read(path)
+        enc = try_passthrough(data, max_side=max_side, max_pixels=max_pixels, verify=verify)
     except BadImage as e:
-        return False, str(e)
+        return (False, str(e)), data
     except Exception as e:
-        return False, f"unexpected {type(e).__name__}: {e}"
-    return None if enc is None else (True, (enc.jpeg, enc.width, enc.height, enc.action))
+        return (False, f"unexpected {type(e).__name__}: {e}"), data
+    return (None if enc is None else (True, (enc.jpeg, enc.width, enc.height, enc.action))), data
 
 
 def _pool_context():
@@ -251,29 +258,40 @@ def _pool_context():
     threads can deadlock the child on a lock one of those threads held."""
     if not sys.platform.startswith("linux"):
         return mp.get_context("spawn")
-    threaded = ("torch", "nvidia.dali", "ffcv", "numba", "cv2")
+    # numba alone starts no thread (the JPEG walk is compiled, not parallel); ffcv's import does.
+    threaded = ("torch", "nvidia.dali", "ffcv", "cv2")
     if threading.active_count() == 1 and not any(m in sys.modules for m in threaded):
         return mp.get_context("fork")
     return mp.get_context("forkserver")
 
 
 def _results(jobs, pool, window: int):
-    """Results in job order. The parent triages each file itself; only files that need decoding go to
-    the pool. Why: a pass-through file sent through a worker costs the parent a pipe receive and an
-    unpickle of its bytes, more than reading it, and on a pass-through conversion the parent (tar,
-    index, hashing, .beton) is the bottleneck. At most `window` results are in flight (bounded memory)."""
+    """Results in job order. The parent reads each file and settles what the header decides itself;
+    files that need a decode (every JPEG under --verify entropy / decode) go to the pool, which sends
+    back only a verdict for the ones kept as they are. Why: a file's bytes through the pool cost the
+    parent a pipe receive and an unpickle, more than reading it, and on a pass-through conversion the
+    parent (tar, index, hashing, .beton) is the bottleneck. At most `window` results are in flight
+    (bounded memory)."""
     pending: deque = deque()
+
+    def done(head):
+        r, data = head
+        if isinstance(r, Future):
+            r = r.result()
+        ok, payload = r
+        if ok and isinstance(payload[0], int):  # kept as read: the worker sent the length
+            payload = (data[:payload[0]],) + payload[1:]
+        return ok, payload
+
     for job in jobs:
-        r = _triage(job)
+        r, data = _triage(job)
         if r is None:
-            r = pool.submit(_process, job) if pool is not None else _process(job)
-        pending.append(r)
-        while pending and (len(pending) > window or not isinstance(pending[0], Future) or pending[0].done()):
-            head = pending.popleft()
-            yield head.result() if isinstance(head, Future) else head
+            r = pool.submit(_process, job) if pool is not None else _process(job, data)
+        pending.append((r, data))
+        while pending and (len(pending) > window or not isinstance(pending[0][0], Future) or pending[0][0].done()):
+            yield done(pending.popleft())
     while pending:
-        head = pending.popleft()
-        yield head.result() if isinstance(head, Future) else head
+        yield done(pending.popleft())
 
 
 # -------------------------------------------------------------------------------------------- state

@@ -5,8 +5,17 @@ height, what was done) or raises `BadImage` with a reason a person can act on.
 
 Policy (documented in the README):
 - A baseline (SOF0) 3-component JPEG with no EXIF rotation, no larger than `max_side`, is passed
-  through byte for byte. It is checked structurally (markers, frame header, end-of-image marker);
-  `verify="decode"` additionally decodes it fully (catching corrupt entropy data at ~2 ms/image).
+  through byte for byte (bytes after its end-of-image marker are trimmed). What it must pass first,
+  by `verify`:
+    "header":  the structural walk the loaders run (`pipeline.shards.jpeg_walk`: markers, segment
+               lengths, restart-marker sequence, stuffing in the entropy-coded data, EOI; ~30 us);
+    "entropy": (default) that, plus a strict libjpeg-turbo decode at 1/8 scale in the DCT domain: it
+               still decodes every Huffman code of every block, so corrupt entropy-coded data, a scan
+               cut short behind a fake EOI or a broken restart interval fails (libjpeg-turbo's
+               "Corrupt JPEG data" warnings are errors), at ~60% of a full decode's cost;
+    "decode":  the walk plus a strict full-size decode.
+  A JPEG that fails the walk but decodes strictly (a structure the walk does not know) is re-encoded,
+  so every stored sample passes the loaders' check.
 - Anything else is decoded and re-encoded as baseline RGB JPEG at `quality`: progressive and
   arithmetic JPEGs, CMYK/YCCK and grayscale JPEGs, PNG (8/16-bit, palette, RGBA), GIF (first frame),
   BMP, WebP, TIFF.
@@ -30,11 +39,15 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from .shards import JPEG_REASONS, jpeg_walk
+
 # We do our own bomb check from the header (see _check_size); PIL's check would fire later and with a
 # less useful message, and its warning band between 1x and 2x the limit is noise for a converter.
 Image.MAX_IMAGE_PIXELS = None
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own hard limit (2x its warning threshold)
+VERIFY_MODES = ("header", "entropy", "decode")
+DEFAULT_VERIFY = "entropy"
 
 SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 STANDALONE_MARKERS = {0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7}
@@ -60,7 +73,6 @@ class JpegInfo:
     sof: int
     orientation: int
     adobe_transform: int | None
-    has_eoi: bool
 
 
 def sniff(data: bytes) -> str:
@@ -125,10 +137,7 @@ def parse_jpeg(data: bytes) -> JpegInfo:
     sof, w, h, comps = frame
     if w == 0 or h == 0:
         raise BadImage(f"JPEG header declares an empty image ({w}x{h})")
-    # A complete file ends with EOI; cameras sometimes append padding or data after it.
-    tail = data[-4096:].rstrip(b"\x00")
-    has_eoi = tail.endswith(b"\xff\xd9") or b"\xff\xd9" in tail
-    return JpegInfo(w, h, comps, sof, orientation, adobe, has_eoi)
+    return JpegInfo(w, h, comps, sof, orientation, adobe)
 
 
 def _exif_orientation(tiff: bytes) -> int:
@@ -179,33 +188,45 @@ def _image_kind(data: bytes) -> str:
 
 
 def try_passthrough(data: bytes, *, max_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    verify: str = "header") -> Encoded | None:
-    """The cheap part of normalize_image (magic bytes and JPEG header only, ~20 us): the Encoded result
-    when the file is kept byte for byte, None when it must be decoded (re-encoded or fully checked).
-    Raises BadImage for what the header already condemns (empty, HTML, unknown, malformed, bomb)."""
+                    verify: str = DEFAULT_VERIFY) -> Encoded | None:
+    """The cheap part of normalize_image (magic bytes, JPEG header and, with verify="header", the
+    structural walk; ~30 us): the Encoded result when the file is kept byte for byte as it is, None
+    when it must be decoded (re-encoded, or checked by a decode). Raises BadImage for what the header
+    already condemns (empty, HTML, unknown, malformed, bomb)."""
     if _image_kind(data) != "jpeg":
         return None
     info = parse_jpeg(data)
     _check_size(info.width, info.height, max_pixels)
-    if _reencode_reason(info, max_side) is None and info.has_eoi and verify == "header":
-        return Encoded(data, info.width, info.height, "passthrough")
+    if verify == "header" and _reencode_reason(info, max_side) is None:
+        code, _h, _w, end = jpeg_walk(np.frombuffer(data, np.uint8))
+        if code == 0 and end == len(data):
+            return Encoded(data, info.width, info.height, "passthrough")
     return None
 
 
 def normalize_image(data: bytes, *, max_side: int | None = None, quality: int = 90,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, verify: str = "header") -> Encoded:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, verify: str = DEFAULT_VERIFY) -> Encoded:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     kind = _image_kind(data)
     if kind == "jpeg":
         info = parse_jpeg(data)
         _check_size(info.width, info.height, max_pixels)
         why = _reencode_reason(info, max_side)
         if why is None:
-            if not info.has_eoi:
-                # Could still be a complete file with odd trailing bytes: decoding decides.
-                _decode_check(data)
-            elif verify == "decode":
-                _decode_check(data)
-            return Encoded(data, info.width, info.height, "passthrough")
+            code, _h, _w, end = jpeg_walk(np.frombuffer(data, np.uint8))
+            if code != 0:
+                # The walk rejects it: a file libjpeg-turbo decodes strictly (a structure the walk does
+                # not know) is re-encoded so that the loaders' check accepts the stored sample; any
+                # other is reported with the decoder's words, or the walk's.
+                _decode_check(data, JPEG_REASONS.get(code, "malformed JPEG"))
+                return _reencode_jpeg(data, info, max_side, quality, "structure")
+            action = "passthrough"
+            if end < len(data):  # data after the end-of-image marker is no part of the image
+                data, action = data[:end], "trimmed"
+            if verify != "header":
+                _decode_check(data, scale=verify == "entropy")
+            return Encoded(data, info.width, info.height, action)
         if info.components in (1, 3) and info.adobe_transform != 0:
             return _reencode_jpeg(data, info, max_side, quality, why)
         return _reencode(data, max_side, quality, max_pixels, why)
@@ -228,11 +249,17 @@ def _reencode_reason(info: JpegInfo, max_side: int | None) -> str | None:
     return None
 
 
-def _decode_check(data: bytes) -> None:
+def _decode_check(data: bytes, walk_reason: str | None = None, scale: bool = False) -> None:
+    """Strict libjpeg-turbo decode (its warnings are errors). scale=True decodes at 1/8 scale, luma only:
+    the entropy decoder still reads every Huffman code of every component, the IDCT computes only DC
+    terms and colour conversion is skipped. Why not PIL: its decoder ignores libjpeg's corrupt-data
+    warnings and returns grey blocks for an image with garbage in its entropy-coded data."""
+    kw = dict(min_width=1, min_height=1, colorspace="GRAY") if scale else {}
     try:
-        simplejpeg.decode_jpeg(data, strict=True)
+        simplejpeg.decode_jpeg(data, strict=True, **kw)
     except Exception as e:  # libjpeg-turbo reports corrupt data as ValueError/RuntimeError
-        raise BadImage(f"corrupt or truncated JPEG: {e}") from None
+        why = f"{walk_reason}; decoder: {e}" if walk_reason else str(e)
+        raise BadImage(f"corrupt or truncated JPEG: {why}") from None
 
 
 # EXIF orientation -> the array operation that makes the image upright (PIL's exif_transpose table).
@@ -270,6 +297,8 @@ def _reencode_jpeg(data: bytes, info: JpegInfo, max_side: int | None, quality: i
 
 
 def _reencode(data: bytes, max_side: int | None, quality: int, max_pixels: int, why: str) -> Encoded:
+    if sniff(data) == "jpeg":  # CMYK / YCCK / RGB-transform JPEGs: PIL would decode corrupt data silently
+        _decode_check(data, scale=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's palette/transparency chatter; errors still raise

@@ -83,6 +83,47 @@ def test_members_are_consistent_baseline_rgb_jpegs(converted, synth_src):
             assert m["jpg"] == original
 
 
+def _dali_decode_all(jpegs: list[bytes]) -> list[tuple[int, ...]]:
+    """Decode every JPEG with DALI's CPU decoder (external source, one batch); returns the shapes."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(jpegs), num_threads=2, device_id=None, exec_dynamic=True)
+    def pipe():
+        enc = fn.external_source(source=lambda: [np.frombuffer(j, np.uint8) for j in jpegs], dtype=types.UINT8,
+                                 batch=True)
+        return fn.decoders.image(enc, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return [tuple(out.at(i).shape) for i in range(len(jpegs))]
+
+
+def test_every_stored_sample_decodes_with_the_strict_stock_decoders(converted):
+    """PIL, libjpeg-turbo with warnings as errors (simplejpeg strict), DALI's CPU decoder and the loaders'
+    structural check all accept every stored JPEG, the damaged-scan members of the zoo included (they are
+    in bad_files.jsonl instead)."""
+    import io
+    import simplejpeg
+    from PIL import Image
+    from pipeline.shards import jpeg_check
+    split_dir, manifest, zoo = converted
+    jpegs = [m["jpg"] for _, m in sorted(_members(split_dir, manifest).items())]
+    for j in jpegs:
+        with Image.open(io.BytesIO(j)) as im:
+            im.load()
+        simplejpeg.decode_jpeg(j, strict=True)
+        assert jpeg_check(np.frombuffer(j, np.uint8))[0] == 0
+    shapes = _dali_decode_all(jpegs)
+    assert [s[:2] for s in shapes] == [(json.loads(m["json"])["height"], json.loads(m["json"])["width"])
+                                       for _, m in sorted(_members(split_dir, manifest).items())]
+    reasons = {json.loads(x)["path"]: json.loads(x)["reason"] for x in (split_dir / fmt.BAD_FILES).read_text().splitlines()}
+    for name in ("corrupt_middle", "corrupt_middle_no_ff", "restart_out_of_order", "truncated_fake_eoi"):
+        (path,) = [p for p in reasons if p.endswith(f"/{name}.JPEG")]
+        assert reasons[path].startswith("corrupt or truncated JPEG"), (path, reasons[path])
+    assert manifest["actions"].get("trimmed") == 1
+
+
 def test_shards_are_class_mixed_and_ranges_in_manifest(converted):
     split_dir, manifest, _ = converted
     members = _members(split_dir, manifest)

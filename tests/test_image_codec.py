@@ -172,3 +172,68 @@ def test_max_side_resize(w, h, max_side):
         assert np.abs(np.asarray(im, np.float32) - ref).mean() < 6
     else:
         assert enc.action == "passthrough"
+
+
+# -- damage inside the entropy-coded data ---------------------------------------------------------
+def _damaged(kind: str, img: np.ndarray, seed: int) -> bytes:
+    """One JPEG of each damage class the converter must report (PIL opens most of them silently)."""
+    from tools.make_synthetic import _corrupt_scan, _scan_start, _swap_restart_markers
+    rng = np.random.default_rng(seed)
+    jpeg = simplejpeg.encode_jpeg(img, quality=90)
+    if kind == "garbage":
+        return _corrupt_scan(jpeg, rng, no_ff=False)
+    if kind == "garbage_no_ff":
+        return _corrupt_scan(jpeg, rng, no_ff=True)
+    if kind == "restart_order":
+        return _swap_restart_markers(_save(Image.fromarray(img), "JPEG", quality=90, restart_marker_blocks=2))
+    if kind == "fake_eoi":
+        start = _scan_start(jpeg)
+        return jpeg[:start + int((len(jpeg) - start) * rng.uniform(0.2, 0.9))] + b"\xff\xd9"
+    if kind == "zeroed":  # a run of zero bytes (a lost disk block) inside the scan
+        start = _scan_start(jpeg)
+        mid = start + (len(jpeg) - start) // 2
+        return jpeg[:mid] + bytes(4096) + jpeg[mid + 4096:]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["garbage", "garbage_no_ff", "restart_order", "fake_eoi", "zeroed"])
+@pytest.mark.parametrize("verify", ["entropy", "decode"])
+def test_damaged_entropy_data_is_rejected(kind, seed, verify):
+    img = render(seed, np.random.default_rng(seed + 10))
+    data = _damaged(kind, img, seed)
+    assert parse_jpeg(data).sof == 0xC0  # the header is intact: only the scan is damaged
+    with pytest.raises(BadImage, match="corrupt or truncated JPEG"):
+        normalize_image(data, verify=verify)
+
+
+def test_header_verify_catches_what_the_walk_sees_only(img):
+    """--verify header (the fast opt-out) runs the loaders' structural walk: garbage holding 0xFF bytes
+    and restart markers out of order fail it; garbage without 0xFF passes (documented)."""
+    for kind in ("garbage", "restart_order"):
+        with pytest.raises(BadImage):
+            normalize_image(_damaged(kind, img, 0), verify="header")
+    assert normalize_image(_damaged("garbage_no_ff", img, 0), verify="header").action == "passthrough"
+
+
+def test_trailing_bytes_after_eoi_are_trimmed(img):
+    from pipeline.shards import jpeg_walk
+    jpeg = simplejpeg.encode_jpeg(img, quality=90)
+    enc = normalize_image(jpeg + b"\x00" * 7 + bytes(range(256)) * 4)
+    assert enc.jpeg == jpeg and enc.action == "trimmed"
+    assert jpeg_walk(np.frombuffer(jpeg, np.uint8))[3] == len(jpeg)
+
+
+def test_walk_accepts_valid_structures(img):
+    """Restart intervals, fill bytes before a marker and multi-scan (progressive) files pass the walk."""
+    from pipeline.shards import jpeg_check
+    rgb = Image.fromarray(img)
+    rst = _save(rgb, "JPEG", quality=90, restart_marker_blocks=3)
+    assert b"\xff\xd7" in rst and jpeg_check(np.frombuffer(rst, np.uint8))[0] == 0
+    assert normalize_image(rst).jpeg is rst
+    prog = _save(rgb, "JPEG", quality=90, progressive=True)
+    assert jpeg_check(np.frombuffer(prog, np.uint8))[0] == 0
+    jpeg = simplejpeg.encode_jpeg(img, quality=90)
+    filled = jpeg[:-2] + b"\xff\xff\xff\xd9"
+    assert jpeg_check(np.frombuffer(filled, np.uint8))[0] == 0
+    simplejpeg.decode_jpeg(filled, strict=True)  # libjpeg-turbo agrees

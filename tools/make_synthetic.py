@@ -238,6 +238,15 @@ def write_bad_files(train_dir: Path, seed: int = 0) -> dict[str, str]:
     exif[0x0112] = 6  # rotate 90 CW on display
     put(d, "exif_rotated.JPEG", pil_bytes(rgb, "JPEG", quality=90, exif=exif.tobytes()), "converted")
     put(d, "bomb.JPEG", _bomb_jpeg(good_jpeg, 60000, 60000), "bad")
+    # Damage inside the entropy-coded data, behind an intact header and EOI (PIL opens all of them).
+    put(d, "corrupt_middle.JPEG", _corrupt_scan(good_jpeg, rng, no_ff=False), "bad")
+    put(d, "corrupt_middle_no_ff.JPEG", _corrupt_scan(good_jpeg, rng, no_ff=True), "bad")
+    rst = pil_bytes(rgb, "JPEG", quality=90, restart_marker_blocks=4)
+    put(d, "restart_markers.JPEG", rst, "converted")  # valid: stored as it is
+    put(d, "restart_out_of_order.JPEG", _swap_restart_markers(rst), "bad")
+    start = _scan_start(good_jpeg)
+    put(d, "truncated_fake_eoi.JPEG", good_jpeg[:start + (len(good_jpeg) - start) // 2] + b"\xff\xd9", "bad")
+    put(d, "trailing_data.JPEG", good_jpeg + rng.integers(0, 256, 2000, dtype=np.uint8).tobytes(), "converted")
     put(d, "notes.txt", b"not an image", "ignored")
     (d / "sub folder").mkdir(exist_ok=True)
     (d / "sub folder" / "inner.JPEG").write_bytes(good_jpeg)
@@ -251,6 +260,30 @@ def write_bad_files(train_dir: Path, seed: int = 0) -> dict[str, str]:
     put(e, "name with spaces.JPEG", other, "converted")
     put(e, "ñandú_日本.JPEG", other, "converted")
     return written
+
+
+def _scan_start(jpeg: bytes) -> int:
+    """Offset of the first byte of entropy-coded data (just past the first SOS segment)."""
+    i = jpeg.index(b"\xff\xda")
+    return i + 2 + struct.unpack(">H", jpeg[i + 2:i + 4])[0]
+
+
+def _corrupt_scan(jpeg: bytes, rng, no_ff: bool) -> bytes:
+    """`jpeg` with random bytes over a third of its entropy-coded data, from the middle on. With no_ff the
+    bytes avoid 0xFF, so the byte stuffing stays valid and only an entropy decode can tell."""
+    start = _scan_start(jpeg)
+    k = (len(jpeg) - start) // 3
+    mid = start + (len(jpeg) - start) // 2 - k // 2
+    junk = rng.integers(0, 255 if no_ff else 256, k, dtype=np.uint8).tobytes()
+    return jpeg[:mid] + junk + jpeg[mid + k:]
+
+
+def _swap_restart_markers(jpeg: bytes) -> bytes:
+    """A restart-interval JPEG with its second and third restart markers swapped (RST1 <-> RST2)."""
+    b = bytearray(jpeg)
+    i1, i2 = jpeg.index(b"\xff\xd1"), jpeg.index(b"\xff\xd2")
+    b[i1 + 1], b[i2 + 1] = 0xD2, 0xD1
+    return bytes(b)
 
 
 def _bomb_jpeg(jpeg: bytes, w: int, h: int) -> bytes:
