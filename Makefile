@@ -17,10 +17,10 @@ demo: setup
 	$(PY) tools/demo.py --out $(DEMO)
 
 bench-convert: setup
-	$(PY) tools/bench_convert.py
+	$(PY) -m pipeline.bench.convert
 
 bench-pipeline: setup
-	$(PY) -m pipeline.bench
+	$(PY) -m pipeline.bench.views
 
 bench-kernels: setup
 	$(PY) -m kernels.bench

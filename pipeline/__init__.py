@@ -1,5 +1,5 @@
 """infoview data pipeline: converter (pipeline.convert), multi-view loaders (pipeline.build_loader) and clip
-loaders for video splits (pipeline.build_clip_loader, pipeline/clips.py).
+loaders for video splits (pipeline.build_clip_loader, pipeline/loaders/clips.py).
 
 Loader imports are lazy so that importing `pipeline.convert` (and its worker processes) does not pay
 for torch / DALI / ffcv.
@@ -12,22 +12,22 @@ __all__ = ["build_loader", "RECIPES", "get_recipe", "RecipeSpec", "ViewSpec", "C
 
 def __getattr__(name):
     if name == "build_loader":
-        from .loader import build_loader
+        from pipeline.loaders.loader import build_loader
         return build_loader
     if name in ("RECIPES", "get_recipe"):
-        from . import recipes
+        from pipeline.views import recipes
         return getattr(recipes, name)
     if name in ("RecipeSpec", "ViewSpec", "CropSpec", "JitterSpec", "BlurSpec", "RandAugmentSpec", "ColorSpec"):
-        from . import spec
+        from pipeline.views import spec
         return getattr(spec, name)
     if name == "sample_params":
-        from .params import sample_params
+        from pipeline.views.params import sample_params
         return sample_params
     if name in ("build_clip_loader", "CLIP_RECIPES", "get_clip_recipe", "ClipSpec", "TemporalSpec",
                 "sample_clip_params"):
-        from . import clips
+        from pipeline.loaders import clips
         return getattr(clips, name)
     if name == "EpochSampler":
-        from .sampler import EpochSampler
+        from pipeline.loaders.sampler import EpochSampler
         return EpochSampler
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

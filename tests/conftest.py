@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def synth_src(tmp_path_factory) -> tuple[Path, dict]:
     """6 classes x 12 train images (+ the bad-input zoo), 3 val images per class (flat + csv)."""
-    from tools.make_synthetic import make, write_bad_files
+    from pipeline.synthetic.images import make, write_bad_files
     src = tmp_path_factory.mktemp("synth")
     make(src, classes=6, train_per_class=12, val_per_class=3, seed=1, progress=False)
     zoo = write_bad_files(src / "train", seed=1)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import dataset_format as fmt
+from pipeline.format import layout as fmt
 from pipeline.convert import PROGRESS, ConversionError, ConvertConfig, convert
 from tools.inspect_dataset import inspect
 
@@ -106,7 +106,7 @@ def test_every_stored_sample_decodes_with_the_strict_stock_decoders(converted):
     import io
     import simplejpeg
     from PIL import Image
-    from pipeline.shards import jpeg_check
+    from pipeline.format.jpeg import jpeg_check
     split_dir, manifest, zoo = converted
     jpegs = [m["jpg"] for _, m in sorted(_members(split_dir, manifest).items())]
     for j in jpegs:
@@ -213,7 +213,7 @@ def test_kill_during_beton_write_then_rerun(synth_src, tmp_path):
     src, _ = synth_src
     cfg = dict(src=str(src), split="train", shard_size=16, progress=False)
     convert(ConvertConfig(out=str(tmp_path / "clean"), **cfg))
-    import pipeline.beton_writer as bw
+    import pipeline.convert.beton_writer as bw
     real = bw.write_beton
 
     def crash(*a, read_jpeg, **k):
@@ -238,14 +238,15 @@ def test_kill_during_beton_write_then_rerun(synth_src, tmp_path):
 
 
 def test_source_change_refuses_resume(tmp_path):
-    from tools.make_synthetic import make
+    from pipeline.synthetic.images import make
     src = tmp_path / "src"
     make(src, classes=2, train_per_class=6, val_per_class=0, progress=False)
     out = tmp_path / "out"
     (out / "train").mkdir(parents=True)
     cfg = ConvertConfig(src=str(src), out=str(out), split="train", shard_size=4, progress=False)
-    from pipeline.convert import Progress, scan
-    from pipeline.atomic import atomic_write_json
+    from pipeline.convert.engine import Progress
+    from pipeline.convert.images import scan
+    from pipeline.convert.atomic import atomic_write_json
     from dataclasses import asdict
     atomic_write_json(out / "train" / PROGRESS, asdict(Progress(args=cfg.output_args(), fingerprint=scan(cfg).fingerprint,
                                                                 class_counts=[0, 0])))
@@ -292,5 +293,5 @@ def test_cli_help_and_clear_errors(tmp_path):
 @pytest.mark.parametrize("name", ["a", "000000001.jpg", "ñandú_日本.label.i64", "x" * 99, "x" * 100])
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 92_000, 8 ** 11 - 1])
 def test_fast_tar_header_equals_tarfile(name, size):
-    from pipeline.wds_writer import fast_tar_header, tar_header
+    from pipeline.convert.tar_writer import fast_tar_header, tar_header
     assert fast_tar_header(name, size) == tar_header(name, size)

@@ -17,10 +17,10 @@ import pytest
 
 av = pytest.importorskip("av")
 
-from pipeline import dataset_format as fmt  # noqa: E402
+from pipeline.format import layout as fmt  # noqa: E402
 from pipeline.convert import PROGRESS, ConversionError  # noqa: E402
-from pipeline.convert_video import VideoConvertConfig, convert_video  # noqa: E402
-from pipeline.synthetic_video import BAD_ZOO, HUGE_SIZE, make_kinetics, make_ucf  # noqa: E402
+from pipeline.convert.video import VideoConvertConfig, convert_video  # noqa: E402
+from pipeline.synthetic.video import BAD_ZOO, HUGE_SIZE, make_kinetics, make_ucf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -294,8 +294,8 @@ def test_kinetics_round_trip(tmp_path):
 
 
 def test_more_bad_inputs_and_kinetics_name_variants(tmp_path):
-    from pipeline.convert_video import BadVideo, VideoOptions, normalize_video
-    from pipeline.synthetic_video import encode_video
+    from pipeline.convert.video_codec import BadVideo, VideoOptions, normalize_video
+    from pipeline.synthetic.video import encode_video
     flat = np.zeros((32, 64, 64, 3), np.uint8) + (np.arange(32) * 8).astype(np.uint8)[:, None, None, None]
     mp4 = bytearray(encode_video(flat, 16, "mp4"))
     mp4[len(mp4) // 3:len(mp4) // 3 + 200] = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
@@ -322,10 +322,10 @@ def test_reencoding_reads_no_uninitialised_memory(tmp_path):
     x264_asm_param). glibc's MALLOC_PERTURB_ fills every new allocation with a given byte; two values
     must give the same bytes."""
     import os
-    from pipeline.synthetic_video import encode_video, render_video
+    from pipeline.synthetic.video import encode_video, render_video
     src = tmp_path / "v.avi"
     src.write_bytes(encode_video(render_video(0, np.random.default_rng(0), 32, (320, 240)), 25, "avi"))
-    code = ("import hashlib, sys; from pipeline.convert_video import VideoOptions, normalize_video; "
+    code = ("import hashlib, sys; from pipeline.convert.video_codec import VideoOptions, normalize_video; "
             "print(hashlib.sha256(normalize_video(sys.argv[1], VideoOptions()).mp4).hexdigest())")
     outs = {subprocess.run([sys.executable, "-c", code, str(src)], env={**os.environ, "MALLOC_PERTURB_": pb},
                            capture_output=True, text=True, check=True, cwd=ROOT).stdout for pb in ("1", "255")}
@@ -338,7 +338,7 @@ def test_synthetic_is_deterministic_and_motion_classes(tmp_path):
     a = {str(p.relative_to(tmp_path / "a")): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
     b = {str(p.relative_to(tmp_path / "b")): p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
     assert a == b and len(a) == 5
-    from pipeline.synthetic_video import trajectory
+    from pipeline.synthetic.video import trajectory
     for c, axis, sign in ((0, 0, 1), (1, 0, -1), (2, 1, 1), (3, 1, -1)):
         pos = trajectory(c, np.random.default_rng(c), 16)[axis]
         assert np.sign(pos[-1] - pos[0]) == sign
@@ -355,3 +355,41 @@ def test_cli_help_and_clear_errors(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_video.py"), "--help"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--with-bad-files" in r.stdout and "--layout" in r.stdout
+
+
+@pytest.mark.parametrize("via", ["auto", "folder"])
+def test_class_folder_tree_like_the_image_converter(ucf_src, ucf_conv, tmp_path, via):
+    """SRC/<split>/<class>/*.mp4|avi (the image converter's convention) converts for any split name: labels
+    are the sorted class folders, other files and sub-folders are ignored and counted, and the stored
+    videos are the same bytes as the UCF-layout conversion of the same files."""
+    src, zoo = ucf_src
+    split_dir, manifest = ucf_conv
+    tree = tmp_path / "tree"
+    ucf_members = {json.loads(m["json"])["source"]: m["mp4"] for m in _members(split_dir, manifest).values()}
+    by_class: dict[str, list[str]] = {}
+    for rel in ucf_members:
+        cls, name = rel.split("/")
+        for split in ("train", "val"):
+            (tree / split / cls).mkdir(parents=True, exist_ok=True)
+            (tree / split / cls / name).write_bytes((src / rel).read_bytes())
+        by_class.setdefault(cls, []).append(name)
+    (tree / "val" / "MoveUp" / "notes.txt").write_text("not a video")
+    (tree / "val" / "MoveUp" / "extra").mkdir()
+    for split in ("train", "val"):
+        m = convert_video(VideoConvertConfig(src=str(tree), out=str(tmp_path / "out"), split=split, shard_size=4,
+                                             layout=via, workers=2, progress=False))
+        assert m["layout"] == "folder" and m["classes"] == sorted(by_class)
+        assert m["num_samples"] == len(ucf_members) and m["num_bad"] == 0
+        assert m["num_ignored"] == (2 if split == "val" else 0)
+        for mem in _members(tmp_path / "out" / split, m).values():
+            meta = json.loads(mem["json"])
+            s, cls, name = meta["source"].split("/")
+            assert s == split and m["classes"][meta["label"]] == cls
+            assert mem["mp4"] == ucf_members[f"{cls}/{name}"]
+
+
+def test_folder_layout_errors(tmp_path):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(ConversionError, match="is not a directory"):
+        convert_video(VideoConvertConfig(src=str(tmp_path / "src"), out=str(tmp_path / "o"), split="train",
+                                         layout="folder", progress=False))

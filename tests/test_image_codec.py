@@ -1,4 +1,4 @@
-"""pipeline/image_codec.py: each kind of input becomes a baseline RGB JPEG or a clear BadImage."""
+"""pipeline/convert/image_codec.py: each kind of input becomes a baseline RGB JPEG or a clear BadImage."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from pipeline.image_codec import BadImage, normalize_image, parse_jpeg, target_size
-from tools.make_synthetic import _bomb_jpeg, render
+from pipeline.convert.image_codec import BadImage, normalize_image, parse_jpeg, target_size
+from pipeline.synthetic.images import bomb_jpeg, render
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_truncated_jpeg_and_png(img):
 @pytest.mark.parametrize("kind", ["jpeg", "png"])
 def test_decompression_bomb_refused_without_allocating(img, kind):
     if kind == "jpeg":
-        data = _bomb_jpeg(simplejpeg.encode_jpeg(img), 50_000, 40_000)
+        data = bomb_jpeg(simplejpeg.encode_jpeg(img), 50_000, 40_000)
     else:
         small = _save(Image.fromarray(img), "PNG")
         # rewrite the IHDR width/height (CRC is not checked before the size is)
@@ -177,20 +177,20 @@ def test_max_side_resize(w, h, max_side):
 # -- damage inside the entropy-coded data ---------------------------------------------------------
 def _damaged(kind: str, img: np.ndarray, seed: int) -> bytes:
     """One JPEG of each damage class the converter must report (PIL opens most of them silently)."""
-    from tools.make_synthetic import _corrupt_scan, _scan_start, _swap_restart_markers
+    from pipeline.synthetic.images import corrupt_scan, scan_start, swap_restart_markers
     rng = np.random.default_rng(seed)
     jpeg = simplejpeg.encode_jpeg(img, quality=90)
     if kind == "garbage":
-        return _corrupt_scan(jpeg, rng, no_ff=False)
+        return corrupt_scan(jpeg, rng, no_ff=False)
     if kind == "garbage_no_ff":
-        return _corrupt_scan(jpeg, rng, no_ff=True)
+        return corrupt_scan(jpeg, rng, no_ff=True)
     if kind == "restart_order":
-        return _swap_restart_markers(_save(Image.fromarray(img), "JPEG", quality=90, restart_marker_blocks=2))
+        return swap_restart_markers(_save(Image.fromarray(img), "JPEG", quality=90, restart_marker_blocks=2))
     if kind == "fake_eoi":
-        start = _scan_start(jpeg)
+        start = scan_start(jpeg)
         return jpeg[:start + int((len(jpeg) - start) * rng.uniform(0.2, 0.9))] + b"\xff\xd9"
     if kind == "zeroed":  # a run of zero bytes (a lost disk block) inside the scan
-        start = _scan_start(jpeg)
+        start = scan_start(jpeg)
         mid = start + (len(jpeg) - start) // 2
         return jpeg[:mid] + bytes(4096) + jpeg[mid + 4096:]
     raise ValueError(kind)
@@ -217,7 +217,7 @@ def test_header_verify_catches_what_the_walk_sees_only(img):
 
 
 def test_trailing_bytes_after_eoi_are_trimmed(img):
-    from pipeline.shards import jpeg_walk
+    from pipeline.format.jpeg import jpeg_walk
     jpeg = simplejpeg.encode_jpeg(img, quality=90)
     enc = normalize_image(jpeg + b"\x00" * 7 + bytes(range(256)) * 4)
     assert enc.jpeg == jpeg and enc.action == "trimmed"
@@ -226,7 +226,7 @@ def test_trailing_bytes_after_eoi_are_trimmed(img):
 
 def test_walk_accepts_valid_structures(img):
     """Restart intervals, fill bytes before a marker and multi-scan (progressive) files pass the walk."""
-    from pipeline.shards import jpeg_check
+    from pipeline.format.jpeg import jpeg_check
     rgb = Image.fromarray(img)
     rst = _save(rgb, "JPEG", quality=90, restart_marker_blocks=3)
     assert b"\xff\xd7" in rst and jpeg_check(np.frombuffer(rst, np.uint8))[0] == 0

@@ -1,4 +1,4 @@
-"""pipeline.cpu_views (the per-image CPU executor) against pipeline.torch_ops (the batched reference)."""
+"""pipeline.views.cpu_views (the per-image CPU executor) against pipeline.views.torch_ops (the batched reference)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import torch_ops
-from pipeline.backend_common import streams
-from pipeline.cpu_views import CpuViews, empty, gaussian_taps, needs_torch, resize
-from pipeline.params import sample_params
-from pipeline.recipes import get_recipe
+from pipeline.views import torch_ops
+from pipeline.loaders.prefetch import streams
+from pipeline.views.cpu_views import CpuViews, empty, gaussian_taps, needs_torch, resize
+from pipeline.views.params import sample_params
+from pipeline.views.recipes import get_recipe
 
 
 def _images(rng, n, lo=40, hi=400):

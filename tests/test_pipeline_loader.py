@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from pipeline import build_loader
-from pipeline.recipes import RECIPES, get_recipe
-from pipeline.shards import ShardError, ShardIndex
-from pipeline.spec import ColorSpec, RecipeSpec, ViewSpec, CropSpec
-from pipeline.wds_writer import ShardWriter, iter_shard
+from pipeline.views.recipes import RECIPES, get_recipe
+from pipeline.format.errors import ShardError
+from pipeline.format.shard_index import ShardIndex
+from pipeline.views.spec import ColorSpec, RecipeSpec, ViewSpec, CropSpec
+from pipeline.convert.tar_writer import ShardWriter
+from pipeline.format.shard_index import iter_shard
 
 S = 32  # image size in tests
 RANGES = {"rgb": [(0, 1)] * 3, "lab": [(0, 100), (-87, 99), (-108, 95)], "ycbcr": [(16, 235), (16, 240), (16, 240)],
@@ -106,7 +108,7 @@ def test_continuous_reading_across_epochs_gives_the_same_batches(converted, back
     want = {e: _epoch((ref.set_epoch(e), ref)[1]) for e in (0, 1, 2, 4)}
     assert ref._stream is None  # a stopping loader holds no producer between epochs
     ld = mk(None)  # the default for a training recipe: continuous
-    assert ld.continuous and not build_loader(data, recipe="eval", batch_size=8, image_size=16).continuous
+    assert ld.continuous and not build_loader(data, recipe="eval", batch_size=8, image_size=16, mode="eval").continuous
     assert _same(_epoch(ld), want[0])
     assert ld._stream is not None and ld._stream_at == (1, 0)  # already producing epoch 1
     it = iter(ld)
@@ -143,7 +145,7 @@ def test_ranks_cover_the_epoch_once(converted, world):
 
 def test_eval_covers_everything_in_order(converted):
     data, manifest = _split(converted)
-    loader = build_loader(data, recipe="eval", batch_size=16, image_size=S)
+    loader = build_loader(data, recipe="eval", batch_size=16, image_size=S, mode="eval")
     assert torch.cat([b["index"] for b in loader]).tolist() == list(range(manifest["num_samples"]))
 
 
@@ -258,7 +260,7 @@ def test_corrupt_member_is_skipped_and_counted(corrupt_split, converted):
     _, manifest, _ = converted
     hdr = simplejpeg.decode_jpeg_header(ShardIndex(corrupt_split / "train").read(5)[0])
     assert hdr[0] > 0  # the header is still valid: only the scan data is garbage
-    loader = build_loader(corrupt_split, recipe="eval", batch_size=8, image_size=S)
+    loader = build_loader(corrupt_split, recipe="eval", batch_size=8, image_size=S, mode="eval")
     seen = torch.cat([b["index"] for b in loader]).tolist()
     assert seen == [i for i in range(manifest["num_samples"]) if i != 5]
     assert loader.stats["skipped"] == 1 and loader.stats["skipped_samples"][0][0] == 5
@@ -278,7 +280,7 @@ def test_ffcv_corrupt_member_is_skipped_and_counted(converted, tmp_path):
     assert at >= 0 and raw.find(jpeg, at + 1) < 0
     raw[at:at + len(jpeg)] = _corrupt(jpeg)
     beton.write_bytes(bytes(raw))
-    loader = build_loader(tmp_path, recipe="eval", backend="ffcv", batch_size=8, image_size=S, num_threads=1)
+    loader = build_loader(tmp_path, recipe="eval", backend="ffcv", batch_size=8, image_size=S, num_threads=1, mode="eval")
     seen = torch.cat([b["index"] for b in loader]).tolist()
     assert seen == [i for i in range(manifest["num_samples"]) if i != 5]
     assert loader.stats["skipped"] == 1 and loader.stats["skipped_samples"][0][0] == 5
@@ -317,3 +319,21 @@ def test_ffcv_resume_and_partition(converted):
     assert _same(_epoch(resumed), full[2:])
     other = torch.cat([b[0] for b in _epoch(mk(rank=1))]).tolist()
     assert not set(other) & set(torch.cat([b[0] for b in full]).tolist())
+
+
+def test_mode_is_explicit_not_guessed_from_the_recipe_name(converted):
+    """A multi-view eval recipe (CMC's centre-cropped L/ab views, named cmc_lab_eval) read with mode="eval"
+    is in dataset order, keeps the remainder and reads once; mode="train" on the plain eval recipe
+    shuffles; an unknown mode fails."""
+    from pipeline.views.recipes import center_crop_views, cmc_lab
+    data, _ = _split(converted)
+    ev = build_loader(data, recipe=center_crop_views(cmc_lab(S), S), batch_size=8, image_size=S, mode="eval")
+    assert not ev.continuous and not ev.sampler.shuffle and not ev.sampler.drop_last
+    idx = torch.cat([b["index"] for b in ev])
+    assert idx.tolist() == list(range(ev.sampler.num_samples))
+    ev.close()
+    tr = build_loader(data, recipe="eval", batch_size=8, image_size=S, mode="train")
+    assert tr.continuous and tr.sampler.shuffle and tr.sampler.drop_last
+    tr.close()
+    with pytest.raises(ValueError, match="mode"):
+        build_loader(data, recipe="eval", batch_size=8, image_size=S, mode="val")

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.params import crop_box, sample_key, sample_params, uniform
-from pipeline.recipes import RECIPES, get_recipe
-from pipeline.sampler import EpochSampler
-from pipeline.spec import BlurSpec, ColorSpec, CropSpec, JitterSpec, RandAugmentSpec, RecipeSpec, ViewSpec
+from pipeline.views.params import crop_box, sample_key, sample_params, uniform
+from pipeline.views.recipes import RECIPES, get_recipe
+from pipeline.loaders.sampler import EpochSampler
+from pipeline.views.spec import BlurSpec, ColorSpec, CropSpec, JitterSpec, RandAugmentSpec, RecipeSpec, ViewSpec
 
 N = 20000
 W, H = 500, 375
@@ -156,7 +156,7 @@ def test_randaugment_draws():
 def test_equalize_matches_pil(h, w, const):
     import torch
     from PIL import Image, ImageOps
-    from pipeline.torch_ops import equalize
+    from pipeline.views.torch_ops import equalize
     img = (np.random.default_rng(h * w).beta(2, 5, (h, w, 3)) * 255).astype(np.uint8)
     if const:
         img[..., 1] = 7  # a flat channel stays as it is
@@ -167,8 +167,8 @@ def test_equalize_matches_pil(h, w, const):
 
 def test_every_randaugment_op_keeps_the_range():
     import torch
-    from pipeline.spec import RANDAUGMENT_OPS
-    from pipeline.torch_ops import randaugment_op
+    from pipeline.views.spec import RANDAUGMENT_OPS
+    from pipeline.views.torch_ops import randaugment_op
     x = torch.rand(6, 3, 20, 24)
     m = torch.linspace(-1, 1, 6)
     for name in RANDAUGMENT_OPS:

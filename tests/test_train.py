@@ -33,7 +33,7 @@ TINY = ["--arch", "resnet18", "--width", "8", "--cifar-stem", "--image-size", "3
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from pipeline.convert import ConvertConfig, convert
-    from tools.make_synthetic import make
+    from pipeline.synthetic.images import make
     root = tmp_path_factory.mktemp("train_data")
     make(root / "src", classes=8, train_per_class=30, val_per_class=15, seed=0, progress=False)
     for split in ("train", "val"):
@@ -245,7 +245,7 @@ def easy_data(tmp_path_factory):
     The `data` set's 8 classes differ by shape alone: no CPU-minute SimCLR run learns them (see
     tools/make_synthetic.py)."""
     from pipeline.convert import ConvertConfig, convert
-    from tools.make_synthetic import make
+    from pipeline.synthetic.images import make
     root = tmp_path_factory.mktemp("easy_data")
     make(root / "src", classes=8, train_per_class=40, val_per_class=40, seed=0, progress=False, easy=True,
          side_range=(64, 96))

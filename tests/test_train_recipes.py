@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import build_loader
-from pipeline.recipes import RECIPES
+from pipeline.views.recipes import RECIPES
 
 # recipe -> a method that trains on it (CMC needs the split colour views; the others take RGB views)
 PAIRS = {"simclr": "simclr", "mocov2": "mocov2", "byol": "byol", "infomin": "infomin", "cmc_lab": "cmc",

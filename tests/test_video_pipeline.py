@@ -1,8 +1,8 @@
-"""Clip loader (pipeline/clips.py, pipeline/video_decode.py) on a small converted synthetic video set.
+"""Clip loader (pipeline/loaders/clips.py, pipeline/loaders/video_decode.py) on a small converted synthetic video set.
 
 The dataset is made by the project's own tools (tools/make_synthetic_video.py -> tools/convert_video.py,
 UCF layout, H.264 MP4 with B-frames, 64 x 64, 32 frames) once per module. The DALI parity test also
-writes a VP9 split with pipeline.bench_video.write_video_split: DALI 2.4's CPU video decoder does not
+writes a VP9 split with pipeline.bench.video_decode.write_video_split: DALI 2.4's CPU video decoder does not
 decode H.264.
 """
 
@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import torch_ops
-from pipeline.clips import (build_clip_loader, clip_photometric, cvrl, eval_clip, get_clip_recipe, offset_cdf,
+from pipeline.views import torch_ops
+from pipeline.loaders.clips import (build_clip_loader, clip_photometric, cvrl, eval_clip, get_clip_recipe, offset_cdf,
                             sample_clip_params, temporal_params)
-from pipeline.params import view_params
-from pipeline.shards import ShardError
-from pipeline.video_decode import DaliVideoDecoder, PyAVDecoder, VideoIndex, probe_codec, pyav_decode
+from pipeline.views.params import view_params
+from pipeline.format.errors import ShardError
+from pipeline.loaders.video_decode import DaliVideoDecoder, PyAVDecoder, VideoIndex, probe_codec, pyav_decode
 
 FRAMES, STRIDE, SIZE = 4, 3, 24
 
@@ -68,7 +68,7 @@ def test_clip_batches_shapes_and_dtypes(vdata):
             assert rec["frames"].shape == (8, FRAMES) and rec["crop"].shape == (8, 4)
             assert torch.equal(rec["frames"], (rec["start"][:, None] + torch.arange(FRAMES) * STRIDE)
                                % rec["num_frames"][:, None])
-    ev = loader(vdata, "eval", split="val", batch_size=3)
+    ev = loader(vdata, "eval", split="val", batch_size=3, mode="eval")
     assert ev.sampler.num_samples == 8 and len(ev) == 3  # eval drops nothing: 3 + 3 + 2
     sizes = [len(b["index"]) for b in ev]
     assert sizes == [3, 3, 2] and ev.recipe.num_clips == 1
@@ -77,7 +77,7 @@ def test_clip_batches_shapes_and_dtypes(vdata):
 
 
 def test_records_are_the_image_records_per_clip(vdata):
-    """Clip c's spatial record is pipeline.params.view_params(stream=c): the image machinery, a pure
+    """Clip c's spatial record is pipeline.views.params.view_params(stream=c): the image machinery, a pure
     function of (seed, epoch, index, clip); the two clips of a video draw independently."""
     ld = loader(vdata, return_aug=True)
     ld.set_epoch(2)
@@ -120,7 +120,7 @@ def test_clip_photometric_identical_across_frames():
 def test_eval_clip_pixels_match_a_manual_decode_crop_resize(vdata):
     """Eval view = centred frames, centre crop (0.875 of the side), PIL bilinear resize, ImageNet norm."""
     from PIL import Image
-    ld = loader(vdata, "eval", split="val", batch_size=4)
+    ld = loader(vdata, "eval", split="val", batch_size=4, mode="eval")
     b = next(iter(ld))
     ld.close()
     ix = VideoIndex(vdata / "val")
@@ -247,7 +247,7 @@ def test_corrupt_member_is_skipped_and_counted(vdata, tmp_path):
             f.seek(int(off))
             f.write(b"\0" * min(64, int(size)))
     ix.close()
-    ld = loader(bad, "eval", split="val", batch_size=8)
+    ld = loader(bad, "eval", split="val", batch_size=8, mode="eval")
     got = np.concatenate([b["index"].numpy() for b in ld])
     assert sorted(got.tolist()) == [i for i in range(8) if i not in victims]
     assert ld.stats["skipped"] == 2 and {i for i, _ in ld.stats["skipped_samples"]} == set(victims)
@@ -337,7 +337,7 @@ def test_dali_and_pyav_decode_the_same_frames_h264(vdata):
 def test_dali_and_pyav_decode_the_same_frames_vp9(tmp_path):
     """Frame-level and loader-level parity on VP9 videos, which DALI's CPU decoder does decode: same
     frame indices, pixels within YUV->RGB conversion differences."""
-    from pipeline.bench_video import encode_video, synth_frames, write_video_split
+    from pipeline.synthetic.video_split import encode_video, synth_frames, write_video_split
     rng = np.random.default_rng(0)
     vids, src = [], []
     for k in range(8):
@@ -381,7 +381,7 @@ def test_dali_and_pyav_decode_the_same_frames_vp9(tmp_path):
 
 
 def test_clip_recipe_validation():
-    from pipeline.recipes import infomin
+    from pipeline.views.recipes import infomin
     with pytest.raises(ValueError, match="RandAugment"):
         get_clip_recipe(infomin(32), 32, 4, 2)
     with pytest.raises(ValueError, match="frames"):

@@ -1,4 +1,4 @@
-"""Video backbones (train/models_video.py), CVRL (train/methods/cvrl.py) and the trainer / linear probe on
+"""Video backbones (train/models/video.py), CVRL (train/methods/cvrl.py) and the trainer / linear probe on
 clips, on a small synthetic video set made by tools/make_synthetic_video.py + tools/convert_video.py."""
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def test_trainer_picks_clips_and_checks_the_arch(vdata, tmp_path):
 def test_clip_recipe_takes_crop_min_scale(recipe, lo):
     from train import config
     from train.methods import method_defaults
-    from train.trainer import clip_recipe
+    from train.trainer import clip_recipe  # get_clip_recipe at the run's options
     cfg = config.build({"method": "cvrl", "recipe": recipe, "crop_min_scale": lo, "frames": 4, "stride": 2,
                         "image_size": 32}, method_defaults("cvrl"))
     clip = clip_recipe(cfg.data, recipe)

@@ -5,8 +5,8 @@
     python tools/convert_imagenet.py --src /data/imagenet --out /data/inet --split val --max-side 512
 
 Rerunning the same command resumes an interrupted conversion and ends byte-identical to an
-uninterrupted run. See pipeline/convert.py for the ordering and resume rules and
-pipeline/image_codec.py for how each kind of input file is stored.
+uninterrupted run. See pipeline/convert/engine.py for the ordering and resume rules and
+pipeline/convert/image_codec.py for how each kind of input file is stored.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from pipeline.convert import ConversionError, ConvertConfig, convert, summary
-from pipeline.image_codec import DEFAULT_MAX_PIXELS, DEFAULT_VERIFY, VERIFY_MODES
+from pipeline.convert.image_codec import DEFAULT_MAX_PIXELS, DEFAULT_VERIFY, VERIFY_MODES
 
 
 def parse_args(argv=None) -> ConvertConfig:

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Convert a UCF101- or Kinetics-layout video tree into WebDataset shards (+ DALI index) of H.264 MP4s.
+"""Convert a UCF101-, Kinetics- or class-folder video tree into WebDataset shards (+ DALI index) of H.264 MP4s.
 
     python tools/convert_video.py --src /data/UCF-101 --out /data/ucf --split train --split-file trainlist01.txt
     python tools/convert_video.py --src /data/UCF-101 --out /data/ucf --split val --split-file testlist01.txt
     python tools/convert_video.py --src /data/kinetics400 --out /data/k400 --split train --max-side 320
+    python tools/convert_video.py --src /data/myvideos --out /data/mine --split train     # SRC/train/<class>/*.mp4
 
 Layouts (--layout auto detects them):
   ucf       SRC/<Class>/v_<Class>_gXX_cYY.avi, labels from SRC/ucfTrainTestlist/classInd.txt (else sorted
@@ -13,11 +14,15 @@ Layouts (--layout auto detects them):
             --split val), files SRC/<split>/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4 (or
             SRC/<label>/...); labels = sorted unique labels of SRC/train.csv (else of the split's CSV);
             rows whose file is absent are reported as "missing"
+  folder    SRC/<split>/<class>/<video> (any video extension), as tools/convert_imagenet.py reads images:
+            label = index of the class folder in sorted order; other files and sub-folders are ignored
+            and counted
 
 Each sample is one MP4 (H.264, yuv420p): an H.264 MP4 source with a constant frame rate and keyframes
 at most --max-gop frames apart is stored byte for byte; everything else is re-encoded (libx264, a
 keyframe every --keyint frames, constant frame rate). Rerunning the same command resumes an interrupted
-conversion and ends byte-identical to an uninterrupted run. See pipeline/convert_video.py.
+conversion and ends byte-identical to an uninterrupted run. See pipeline/convert/engine.py for the
+ordering and resume rules and pipeline/convert/video_codec.py for what is stored.
 """
 
 from __future__ import annotations
@@ -25,21 +30,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.convert import ConversionError
-from pipeline.convert_video import DEFAULT_MAX_PIXELS, X264_PRESETS, VideoConvertConfig, convert_video, summary
+from pipeline.convert import ConversionError, summary
+from pipeline.convert.video import LAYOUTS, VideoConvertConfig, convert_video
+from pipeline.convert.video_codec import DEFAULT_MAX_PIXELS, X264_PRESETS
 
 
 def parse_args(argv=None) -> VideoConvertConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="dataset root (UCF101 or Kinetics layout)")
+    p.add_argument("--src", required=True, help="dataset root (UCF101, Kinetics or SRC/<split>/<class>/ layout)")
     p.add_argument("--out", required=True, help="output root; files go to OUT/SPLIT/")
     p.add_argument("--split", default="train", help="output split name (Kinetics: also the CSV / folder name); "
                                                     "default: train")
     p.add_argument("--split-file", default=None,
                    help="UCF101 list (trainlist01.txt, testlist01.txt; looked up as given, in SRC/ucfTrainTestlist "
                         "and in SRC) or a Kinetics CSV; default: UCF all videos, Kinetics SRC/SPLIT.csv")
-    p.add_argument("--layout", choices=("auto", "ucf", "kinetics"), default="auto",
-                   help="source layout (default: auto)")
+    p.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
+                   help="source layout (default: auto: a Kinetics CSV or a UCF101 list folder decide, else "
+                        "SRC/SPLIT/<class>/ folders with videos, else UCF101 class folders)")
     p.add_argument("--max-side", type=int, default=None,
                    help="downscale videos whose longer side exceeds this (re-encodes them; never upscales)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import dataset_format as fmt
+from pipeline.format import layout as fmt
 
 
 def read_tarfile(split_dir: Path, manifest: dict) -> list[tuple[int, int]]:
@@ -126,7 +126,7 @@ def contact_sheet(split_dir: Path, manifest: dict, path: Path, n: int = 48, seed
 
     from PIL import Image, ImageDraw
 
-    from pipeline.wds_writer import iter_shard
+    from pipeline.format.shard_index import iter_shard
     rng = np.random.default_rng(seed)
     total = manifest["num_samples"]
     want = set(rng.choice(total, size=min(n, total), replace=False).tolist())

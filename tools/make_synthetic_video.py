@@ -14,13 +14,13 @@ Class c moves the main object with motion c % 8 (right, left, down, up, clockwis
 grow, shrink) at speed tier c // 8; shape, colours, position, size, background, distractors and noise
 are drawn per video. --class-cues shape+motion also gives class c its own object shape (one of 8, c % 8)
 and a 1.5x larger object, so that shape and motion both identify the class while colours and background
-stay nuisance (see pipeline/synthetic_video.py). --class-cues easy gives class c its own shape AND its
+stay nuisance (see pipeline/synthetic/video.py). --class-cues easy gives class c its own shape AND its
 own texture on a larger object (motion as above) over a plain one-colour-per-video background (no blobs,
 no distractors): a set a short CVRL run learns (tests/test_video_train.py). Deterministic for a seed.
 --with-bad-files adds the converter's bad-input zoo (zero-byte, truncated, text named .mp4, header only,
 audio only, variable frame rate, H.264 4:4:4, odd size, 4000x3000) to the train split (UCF: listed in
 trainlist01.txt; Kinetics: rows of train.csv, plus a row whose file is missing). See
-pipeline/synthetic_video.py.
+pipeline/synthetic/video.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.synthetic_video import CLASS_CUES, make_kinetics, make_ucf
+from pipeline.synthetic.video import CLASS_CUES, make_kinetics, make_ucf
 
 
 def main(argv=None) -> int:

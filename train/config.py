@@ -63,7 +63,7 @@ class DataConfig:
     format: Literal["wds", "ffcv"] = opt("wds", "'wds' (DALI over WebDataset shards) or 'ffcv' (.beton)")
     batch_size: int = opt(256, "batch size per process")
     image_size: int = opt(224, "training crop size")
-    recipe: str = opt("", "view recipe (pipeline/recipes.py); empty: the method's own")
+    recipe: str = opt("", "view recipe (pipeline/views/recipes.py); empty: the method's own")
     blur: bool = opt(True, "keep the recipe's Gaussian blur (SimCLR drops it for CIFAR-size images)")
     crop_min_scale: float = opt(0.0, "lower bound of every random-resized crop's area fraction, in (0, 1] "
                                      "(0: the recipe's own, e.g. simclr 0.08; small datasets use larger, e.g. 0.2-0.3); "

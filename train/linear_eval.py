@@ -77,9 +77,8 @@ def main(argv=None) -> dict:
     a = parse(argv)
     from pipeline import build_loader
     from train.knn import extract, knn_classify, split_holdout
-    from train.methods.base import replace_crop_center
     from train.models import build_backbone, load_backbone
-    from train.trainer import BACKEND
+    from pipeline.loaders.loader import FORMAT_BACKENDS
 
     torch.manual_seed(a.seed)
     if a.random_init:
@@ -93,11 +92,11 @@ def main(argv=None) -> dict:
         size = a.image_size or int(meta.get("image_size", 224))
     recipe = "eval"
     if meta.get("channels"):  # CMC: the training recipe's colour split, center-cropped
-        from pipeline.recipes import get_recipe
-        recipe = replace_crop_center(get_recipe(meta["recipe"], size), size)
+        from pipeline.views.recipes import center_crop_views, get_recipe
+        recipe = center_crop_views(get_recipe(meta["recipe"], size), size)
 
-    from pipeline.video_decode import manifest_kind
-    try:  # video data: one centred clip per video (pipeline/clips.py)
+    from pipeline.format.layout import manifest_kind
+    try:  # video data: one centred clip per video (pipeline/loaders/clips.py)
         video = manifest_kind(Path(a.data) / "train") == "video"
     except (OSError, ValueError):
         video = False  # the loader reports the missing / unreadable split
@@ -105,12 +104,12 @@ def main(argv=None) -> dict:
 
     def feats(split):
         if video:
-            from pipeline.clips import build_clip_loader
+            from pipeline.loaders.clips import build_clip_loader
             ld = build_clip_loader(a.data, split, "eval", batch_size=a.batch_size, frames=frames, stride=stride,
-                                   image_size=size, seed=a.seed, shuffle=False, drop_last=False)
+                                   image_size=size, seed=a.seed, mode="eval")
         else:
-            ld = build_loader(a.data, split, recipe, BACKEND[a.format], batch_size=a.batch_size, image_size=size,
-                              seed=a.seed, shuffle=False, drop_last=False)
+            ld = build_loader(a.data, split, recipe, FORMAT_BACKENDS[a.format], batch_size=a.batch_size, image_size=size,
+                              seed=a.seed, mode="eval")
         out = extract(net, ld, torch.device("cpu"))
         ld.close()
         return out

@@ -6,21 +6,15 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("torch", "accelerate", "triton", "numpy", "safetensors", "nvidia-dali-cuda130",
-                "nvidia-dali-cuda120", "ffcv"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    from pipeline.versions import versions as installed
+    v = installed("torch", "accelerate", "triton", "numpy", "safetensors", "dali", "ffcv")
+    v["platform"] = platform.platform()
+    return v
 
 
 def git_rev(root: Path) -> str:

@@ -6,7 +6,7 @@
 Every process reads the same first batch of `global-batch` samples (pipeline, world_size=1) and keeps
 its contiguous slice, builds the method with the same seed, wraps it in DDP through accelerate, and
 runs forward + backward once. Rank 0 writes {"loss", "grads"} (DDP-averaged gradients) to --dump.
-tests/test_train_ddp.py compares the files.
+tests/test_train.py::test_ddp_parity_simclr compares the files.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     from pipeline import build_loader
-    from pipeline.recipes import get_recipe
+    from pipeline.views.recipes import get_recipe
     from train import config
     from train.methods import get_method, method_defaults
     from train.trainer import _accelerator

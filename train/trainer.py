@@ -10,7 +10,6 @@ algorithms, a resumed run ends bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -28,9 +27,8 @@ from .methods import get_method
 from .models import export_backbone
 from .observe import Metrics, progress, write_report, write_run_config
 from .optim import build_optimizer, check_schedule, lr_at, lr_schedule, peak_lr
-
-BACKEND = {"wds": "dali", "ffcv": "ffcv"}
-
+from pipeline.loaders.loader import FORMAT_BACKENDS
+from pipeline.views.recipes import run_recipe
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -77,28 +75,26 @@ class Trainer:
         if cfg.run.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
         from pipeline import build_loader
-        from pipeline.recipes import get_recipe
         d = cfg.data
         if not d.data:
             raise ConfigError("--data is required (the converter's --out, holding train/)")
         method_cls = get_method(cfg.run.method)
         recipe = d.recipe or method_cls.recipe
         self.video = uses_clips(cfg, method_cls)
-        if self.video:  # clips (B x C x T x H x W) from a video split: pipeline/clips.py
-            from pipeline.clips import build_clip_loader
-            self.loader = build_clip_loader(d.data, "train", clip_recipe(d, recipe), batch_size=d.batch_size, frames=d.frames,
+        try:
+            spec = (clip_recipe(d, recipe) if self.video else
+                    run_recipe(recipe, d.image_size, blur=d.blur, crop_min_scale=d.crop_min_scale))
+        except ValueError as e:  # a recipe option the recipe cannot take (--crop-min-scale above its range)
+            raise ConfigError(str(e)) from None
+        if self.video:  # clips (B x C x T x H x W) from a video split: pipeline/loaders/clips.py
+            from pipeline.loaders.clips import build_clip_loader
+            self.loader = build_clip_loader(d.data, "train", spec, batch_size=d.batch_size, frames=d.frames,
                                             stride=d.stride, image_size=d.image_size, rank=self.rank,
                                             world_size=self.world, seed=cfg.run.seed, device=self.device.type,
                                             decoder=d.decoder, blur=d.blur)
             spec = self.loader.recipe
         else:
-            spec = get_recipe(recipe, d.image_size)
-            if not d.blur:
-                spec = dataclasses.replace(spec, name=f"{spec.name}-noblur",
-                                           views=tuple(dataclasses.replace(v, blur=None) for v in spec.views))
-            if d.crop_min_scale:
-                spec = with_crop_min_scale(spec, d.crop_min_scale)
-            self.loader = build_loader(d.data, "train", spec, BACKEND[d.format], batch_size=d.batch_size,
+            self.loader = build_loader(d.data, "train", spec, FORMAT_BACKENDS[d.format], batch_size=d.batch_size,
                                        image_size=d.image_size, rank=self.rank, world_size=self.world,
                                        seed=cfg.run.seed, device=self.device.type)
         self.steps_per_epoch = len(self.loader)
@@ -297,16 +293,16 @@ class Trainer:
         if not hasattr(self, "_eval_loaders"):
             self._eval_loaders = {}
         if split not in self._eval_loaders and self.video:
-            from pipeline.clips import build_clip_loader
+            from pipeline.loaders.clips import build_clip_loader
             self._eval_loaders[split] = build_clip_loader(
                 d.data, split, self.eval_recipe, batch_size=d.batch_size, frames=d.frames, stride=d.stride,
                 image_size=d.eval_image_size or d.image_size, rank=self.rank, world_size=self.world,
-                seed=self.cfg.run.seed, device=self.device.type, decoder=d.decoder, shuffle=False, drop_last=False)
+                seed=self.cfg.run.seed, device=self.device.type, decoder=d.decoder, mode="eval")
         if split not in self._eval_loaders:
             self._eval_loaders[split] = build_loader(
-                d.data, split, self.eval_recipe, BACKEND[d.format], batch_size=d.batch_size,
+                d.data, split, self.eval_recipe, FORMAT_BACKENDS[d.format], batch_size=d.batch_size,
                 image_size=d.eval_image_size or d.image_size, rank=self.rank, world_size=self.world,
-                seed=self.cfg.run.seed, device=self.device.type, shuffle=False, drop_last=False)
+                seed=self.cfg.run.seed, device=self.device.type, mode="eval")
         loader = self._eval_loaders[split]
         loader.set_epoch(0)
         return loader
@@ -331,7 +327,7 @@ class Trainer:
 def uses_clips(cfg: Config, method_cls) -> bool:
     """True when the run trains on clips: the method needs them (`clips = True`, e.g. cvrl) or the data's
     manifest says "kind": "video". A video arch on image data (or the reverse) fails here, naming both."""
-    from pipeline.video_decode import manifest_kind
+    from pipeline.format.layout import manifest_kind
     from .config import VIDEO_ARCHS
     d, arch = cfg.data, cfg.model.arch
     try:
@@ -350,27 +346,9 @@ def uses_clips(cfg: Config, method_cls) -> bool:
 
 
 def clip_recipe(d, recipe: str):
-    """The clip recipe `recipe` at the run's frames / stride / size / blur, with --crop-min-scale applied to
-    its spatial views (every frame of a clip is cropped alike, so the same lower bound holds)."""
-    from pipeline.clips import get_clip_recipe
-    clip = get_clip_recipe(recipe, d.image_size, d.frames, d.stride, d.blur)
-    if d.crop_min_scale:
-        clip = dataclasses.replace(clip, name=f"{clip.name}-crop{d.crop_min_scale:g}",
-                                   spatial=with_crop_min_scale(clip.spatial, d.crop_min_scale))
-    return clip
-
-
-def with_crop_min_scale(spec, lo: float):
-    """`spec` with the lower bound of every random-resized crop's area range set to `lo` (--crop-min-scale)."""
-    views = []
-    for i, v in enumerate(spec.views):
-        if v.crop.kind == "random_resized":
-            if lo > v.crop.scale[1]:
-                raise ConfigError(f"invalid value for 'crop_min_scale': {lo} is above view {i}'s largest crop "
-                                  f"area {v.crop.scale[1]} (recipe {spec.name})")
-            v = dataclasses.replace(v, crop=dataclasses.replace(v.crop, scale=(lo, v.crop.scale[1])))
-        views.append(v)
-    return dataclasses.replace(spec, name=f"{spec.name}-crop{lo:g}", views=tuple(views))
+    """The clip recipe `recipe` at the run's frames / stride / size / blur / --crop-min-scale."""
+    from pipeline.loaders.clips import get_clip_recipe
+    return get_clip_recipe(recipe, d.image_size, d.frames, d.stride, d.blur, d.crop_min_scale)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -12,7 +12,6 @@ those buffers again in backward. Per-step schedules (temperature, EMA momentum) 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import ClassVar
 
 import numpy as np
@@ -28,7 +27,7 @@ from ..optim import check_schedule, cosine_schedule
 class Method(nn.Module):
     name: ClassVar[str] = ""
     recipe: ClassVar[str] = "simclr"
-    """Default view recipe (pipeline/recipes.py)."""
+    """Default view recipe (pipeline/views/recipes.py)."""
     defaults: ClassVar[dict] = {}
     """Flat config keys this method sets unless the config file or the CLI does."""
     multiview_encoder: ClassVar[bool] = False
@@ -119,12 +118,3 @@ class Queue(nn.Module):
         p = int(self.ptr)
         self.keys[p:p + n] = k
         self.ptr.fill_((p + n) % size)
-
-
-def replace_crop_center(spec, image_size: int):
-    """Same colour outputs, center crop and no flip: eval views of a multi-view (CMC) recipe."""
-    from pipeline.spec import CropSpec
-    views = tuple(dataclasses.replace(v, crop=CropSpec(kind="center", size=image_size), flip_p=0.0,
-                                      jitter=None, grayscale_p=0.0, randaugment=None, blur=None,
-                                      solarize_p=0.0) for v in spec.views)
-    return dataclasses.replace(spec, name=f"{spec.name}_eval", views=views, shared_params=True)

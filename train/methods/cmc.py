@@ -16,7 +16,7 @@ import kernels
 
 from ..distributed import all_gather_with_grad
 from ..models import l2n
-from .base import Method, replace_crop_center
+from .base import Method
 from .instdisc import BankState
 
 
@@ -77,5 +77,5 @@ class CMC(Method):
 
     @classmethod
     def eval_recipe(cls, train_recipe, image_size):
-        from pipeline.recipes import get_recipe
-        return replace_crop_center(get_recipe(train_recipe, image_size), image_size)
+        from pipeline.views.recipes import center_crop_views, get_recipe
+        return center_crop_views(get_recipe(train_recipe, image_size), image_size)

@@ -1,6 +1,6 @@
 """CVRL (Qian et al. 2021, "Spatiotemporally Augmented Contrastive Video Representation Learning").
 
-Two clips of each video (pipeline.clips, recipe "cvrl": temporally consistent spatial augmentation, start
+Two clips of each video (pipeline.loaders.clips, recipe "cvrl": temporally consistent spatial augmentation, start
 offset drawn from a decreasing distribution) through a 3D backbone (r3d18 / r2plus1d18) and a 3-layer
 MLP projection head; InfoNCE over the two clips of the global batch: each clip's positive is the other
 clip of its video, every other clip of every process is a negative. Embeddings are gathered across

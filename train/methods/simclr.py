@@ -2,7 +2,7 @@
 
 Embeddings of every process are gathered *with gradients* and each process evaluates the same global
 loss, so with DDP's gradient averaging the update equals a single process on the global batch
-(tests/test_train_ddp.py checks 1 x 32 against 2 x 16). More than two views (multicrop) are
+(tests/test_train.py::test_ddp_parity_simclr checks 1 x 32 against 2 x 16). More than two views (multicrop) are
 multi-positive: all views of a sample are positives of each other.
 """
 
