@@ -295,3 +295,16 @@ def test_cli_help_and_clear_errors(tmp_path):
 def test_fast_tar_header_equals_tarfile(name, size):
     from pipeline.convert.tar_writer import fast_tar_header, tar_header
     assert fast_tar_header(name, size) == tar_header(name, size)
+
+
+@pytest.mark.parametrize("line, what", [("jpg 512 100", "groups"), ("jpg x 100 000000001.jpg", "not a number"),
+                                        ("", "groups")])
+def test_malformed_dali_index_line_names_file_and_line(tmp_path, line, what):
+    """The one DALI-index parser (loaders and the .beton writer): a malformed sample line fails naming the
+    file and the line, instead of silently dropping members."""
+    from pipeline.format.errors import ShardError
+    from pipeline.format.shard_index import shard_entries
+    (tmp_path / "s.tar").write_bytes(b"")
+    (tmp_path / "s.idx").write_text(f"v1.2 2\njpg 512 100 000000000.jpg cls 1024 1 000000000.cls\n{line}\n")
+    with pytest.raises(ShardError, match=f"s.idx line 3: .*{what}"):
+        shard_entries(tmp_path, {"tar": "s.tar", "idx": "s.idx", "num_samples": 2, "first_index": 0})
