@@ -280,6 +280,40 @@ def test_pretraining_beats_random_init_on_knn(easy_data, tmp_path):
     assert tr["knn@20"] >= rd["knn@20"] + LEARNING_MARGIN, res
 
 
+@pytest.mark.parametrize("method", ["mocov2", "infomin"])
+def test_queue_method_trains_through_a_batch_shortened_at_read_time(data, tmp_path, method):
+    """A stored member whose scan is garbage is skipped by the loader, so one batch comes out short (15 of
+    16); the queue (64, no multiple of 15) takes it and training goes on to the last step (it used to
+    stop at that batch: "queue size 65536 must be a multiple of the global batch 15")."""
+    import shutil
+    import numpy as np
+    from pipeline.convert.tar_writer import ShardWriter
+    from pipeline.format.shard_index import iter_shard
+    out = tmp_path / "data"
+    shutil.copytree(data, out)
+    manifest = json.loads((out / "train" / "manifest.json").read_text())
+    sh = manifest["shards"][0]
+    samples = list(iter_shard(out / "train" / sh["tar"]))
+    (out / "train" / sh["tar"]).unlink()
+    (out / "train" / sh["idx"]).unlink()
+    w = ShardWriter(out / "train" / sh["tar"], out / "train" / sh["idx"])
+    for key, members in samples:
+        if int(key) == sh["first_index"] + 3:
+            b = bytearray(members["jpg"])
+            sos = b.find(b"\xff\xda")
+            start = sos + 2 + int.from_bytes(b[sos + 2:sos + 4], "big")
+            b[start:-2] = np.random.default_rng(0).integers(0, 256, len(b) - 2 - start, dtype=np.uint8).tobytes()
+            members = {**members, "jpg": bytes(b)}
+        w.add(key, members)
+    w.close()
+    steps = 240 // 16
+    pretrain(["--method", method, "--data", str(out), *TINY, "--batch-size", "16", "--epochs", "1",
+              "--queue-size", "64", "--log-every", "1", "--knn-every", "0"], tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == steps and all(np.isfinite(losses)), losses
+
+
 def test_non_finite_loss_stops_or_skips(data, tmp_path):
     """A NaN/inf loss stops the run naming the step and the last checkpoint, or is skipped and counted."""
     args = ["--method", "simclr", "--data", str(data), *TINY, "--batch-size", "16", "--epochs", "1",

@@ -109,7 +109,7 @@ class MethodConfig:
     temperature_final: float = opt(0.0, "cosine-anneal the temperature to this (0: constant)")
     ema: float = opt(0.0, "momentum-encoder / target EMA at step 0 (0: the method's default)")
     ema_final: float = opt(0.0, "EMA at the last step, cosine schedule (0: same as --ema)")
-    queue_size: int = opt(0, "MoCo queue length (0: the method's default); must divide by the global batch")
+    queue_size: int = opt(0, "MoCo queue length (0: the method's default); any size: writes wrap round the ring")
     nce_k: int = opt(0, "negatives drawn from the memory bank per sample (0: the method's default)")
     nce_mode: Literal["softmax", "nce"] = opt("softmax", "memory-bank loss: softmax (InfoNCE) or CMC's NCE")
     bank_momentum: float = opt(0.5, "memory-bank update momentum")

@@ -110,11 +110,16 @@ class Queue(nn.Module):
 
     @torch.no_grad()
     def push(self, k: torch.Tensor) -> None:
-        """Enqueue the keys of all processes (gathered here), oldest overwritten first."""
-        k = all_gather_nograd(k.detach().float())
+        """Enqueue the keys of all processes (gathered here), oldest overwritten first. The write wraps
+        round the end of the ring, so a batch of any size works: a batch shortened at read time (a
+        corrupt member skipped) or a queue that is no multiple of the global batch. More keys than the
+        queue holds: the newest `size` stay, where a sequential write would have left them."""
+        k = all_gather_nograd(k.detach().to(self.keys.dtype))
         n, size = k.shape[0], self.keys.shape[0]
-        if size % n:
-            raise ValueError(f"queue size {size} must be a multiple of the global batch {n}")
         p = int(self.ptr)
-        self.keys[p:p + n] = k
+        start = p
+        if n > size:
+            k, start = k[n - size:], (p + n - size) % size
+        idx = (start + torch.arange(k.shape[0], device=k.device)) % size
+        self.keys[idx] = k
         self.ptr.fill_((p + n) % size)
