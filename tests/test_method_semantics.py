@@ -16,17 +16,21 @@ B, SIZE = 6, 16
 TINY = {"arch": "resnet18", "width": 4, "cifar_stem": True, "proj_hidden": 16, "pred_hidden": 16, "proj_dim": 8}
 
 
-def _method(name: str, **over):
+N_DATA = 100
+
+
+def _method(name: str, channels=(3, 3), **over):
     torch.manual_seed(0)
     cfg = config.build({"method": name, **TINY, **over}, method_defaults(name))
-    m = get_method(name)(cfg, 100, 50, [3, 3]).double()
+    m = get_method(name)(cfg, N_DATA, 50, list(channels)).double()
     m.train()
     return m
 
 
-def _views(n: int = B, seed: int = 1):
+def _views(n: int = B, seed: int = 1, channels=(3, 3), frames: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64) for _ in range(2)]
+    shape = (frames, SIZE, SIZE) if frames else (SIZE, SIZE)
+    return [torch.randn(n, c, *shape, generator=g, dtype=torch.float64) for c in channels]
 
 
 def _unit(x):
@@ -150,3 +154,96 @@ def test_byol_loss_and_ema_target():
         torch.testing.assert_close(tn, tau * t0 + (1 - tau) * po.detach(), rtol=0, atol=1e-12)
         changed += int(not torch.equal(tn, t0))
     assert changed > 0, "the EMA update must move the target"
+
+
+# -- CVRL ----------------------------------------------------------------------------------------------
+def test_cvrl_loss_is_infonce_over_the_clips():
+    """CVRL (Qian et al. 2021, eq. 1): each clip's positive is the other clip of its video, the other
+    2N - 2 clips are negatives; cosine similarity / t. Both clips go through the encoder in one pass."""
+    m = _method("cvrl", arch="r3d18", temperature=0.1)
+    v = _views(frames=4)
+    loss, _ = m(v, torch.arange(B), 0)
+    with torch.no_grad():
+        z = _unit(m.projector(m.backbone(torch.cat(v))))
+        s = z @ z.T / 0.1
+        s.fill_diagonal_(float("-inf"))
+        pos = torch.cat([torch.arange(B, 2 * B), torch.arange(B)])
+        want = (torch.logsumexp(s, 1) - s[torch.arange(2 * B), pos]).mean()
+    assert abs(loss.item() - want.item()) <= 1e-10 * abs(want.item())
+
+
+# -- memory banks: InstDisc and CMC ------------------------------------------------------------------
+def _bank_softmax(v, bank, index, neg, t):
+    """Wu et al. 2018 with sampled negatives: -log exp(v.m_i/t) / (exp(v.m_i/t) + sum_j exp(v.m_j/t))."""
+    pos = (v * bank[index]).sum(1) / t
+    negs = torch.einsum("bd,bkd->bk", v, bank[neg]) / t
+    return (torch.logsumexp(torch.cat([pos[:, None], negs], 1), 1) - pos).mean()
+
+
+def _bank_nce(v, bank, index, neg, t, Z):
+    """Wu et al. 2018, eq. 4-6: P(i|v) = exp(v.m_i/t) / Z, h = P / (P + k/n); loss = -log h(pos) -
+    sum log(1 - h(neg)), summed over the batch's negatives and averaged over the batch. eps = 1e-7 in
+    both denominators, as in the reference code (CMC's NCECriterion)."""
+    n, k, eps = bank.shape[0], neg.shape[1], 1e-7
+    P_pos = torch.exp((v * bank[index]).sum(1) / t) / Z
+    P_neg = torch.exp(torch.einsum("bd,bkd->bk", v, bank[neg]) / t) / Z
+    return -(torch.log(P_pos / (P_pos + k / n + eps)).sum() + torch.log((k / n) / (P_neg + k / n + eps)).sum()) / v.shape[0]
+
+
+def _bank_update(bank, index, v, mom):
+    """m_i <- normalise(mom m_i + (1 - mom) v_i) (Wu et al.'s proximal memory update)."""
+    out = bank.clone()
+    out[index] = _unit(mom * bank[index] + (1 - mom) * v)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["softmax", "nce"])
+def test_instdisc_loss_and_bank_update(mode):
+    """The sample's own bank row is its positive, `nce_k` uniformly drawn rows its negatives (drawn from
+    torch's generator, so the test draws the same ones); NCE's Z is estimated once from the first batch
+    (Z = n * mean exp(v.m/t) over the drawn rows). After the step: the rows of the batch are updated."""
+    k, t = 20, 0.07
+    m = _method("instdisc", nce_k=k, nce_mode=mode, temperature=t, bank_momentum=0.5)
+    v = _views()
+    index = torch.tensor([3, 17, 42, 56, 80, 99])
+    bank0 = m.memory.bank.clone()
+    torch.manual_seed(11)
+    loss, _ = m(v, index, 0)
+    torch.manual_seed(11)
+    neg = torch.randint(0, N_DATA, (B, k))
+    with torch.no_grad():
+        f = _unit(m.head(m.backbone(v[0])))
+    if mode == "softmax":
+        want = _bank_softmax(f, bank0, index, neg, t)
+    else:
+        rows = torch.cat([index[:, None], neg], 1)
+        Z = torch.exp(torch.einsum("bd,bkd->bk", f, bank0[rows]) / t).mean() * N_DATA
+        want = _bank_nce(f, bank0, index, neg, t, Z)
+        assert float(m.memory.Z) == pytest.approx(Z.item(), rel=1e-6)  # kept as the float32 mean over ranks
+    assert abs(loss.item() - want.item()) <= 1e-9 * abs(want.item())
+    m.after_step(0)
+    torch.testing.assert_close(m.memory.bank, _bank_update(bank0, index, f, 0.5), rtol=0, atol=1e-12)
+
+
+def test_cmc_each_view_against_the_other_views_bank():
+    """CMC (Tian et al. 2019, eq. 2-3, two views L and ab): L's embedding against ab's memory (positive:
+    the sample's own row there) plus ab's against L's; then each view's bank takes its own view's
+    embeddings. Swapping the two banks (a view contrasted against its own memory) fails here."""
+    k, t = 16, 0.07
+    m = _method("cmc", channels=(1, 2), nce_k=k, nce_mode="softmax", temperature=t, bank_momentum=0.5)
+    v = _views(channels=(1, 2))
+    index = torch.tensor([0, 9, 18, 27, 36, 45])
+    b0, b1 = m.memories[0].bank.clone(), m.memories[1].bank.clone()
+    torch.manual_seed(5)
+    loss, _ = m(v, index, 0)
+    torch.manual_seed(5)
+    neg_a = torch.randint(0, N_DATA, (B, k))  # drawn for L against ab's memory
+    neg_b = torch.randint(0, N_DATA, (B, k))  # then ab against L's memory
+    with torch.no_grad():
+        zL = _unit(m.heads[0](m.backbone.encoders[0](v[0])))
+        zab = _unit(m.heads[1](m.backbone.encoders[1](v[1])))
+    want = _bank_softmax(zL, b1, index, neg_a, t) + _bank_softmax(zab, b0, index, neg_b, t)
+    assert abs(loss.item() - want.item()) <= 1e-9 * abs(want.item())
+    m.after_step(0)
+    torch.testing.assert_close(m.memories[0].bank, _bank_update(b0, index, zL, 0.5), rtol=0, atol=1e-12)
+    torch.testing.assert_close(m.memories[1].bank, _bank_update(b1, index, zab, 0.5), rtol=0, atol=1e-12)

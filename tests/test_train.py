@@ -225,6 +225,34 @@ def test_ddp_parity_simclr(data, tmp_path, dtype="float64", tol=1e-9):
         assert (g - b["grads"][k]).abs().max().item() <= tol * max(scale, 1.0), k
 
 
+@pytest.mark.parametrize("method", ["mocov2", "instdisc", "cmc"])
+def test_ddp_parity_of_method_state(data, tmp_path, method):
+    """The stateful methods after one step: 1 process x 32 and 2 gloo processes x 16 hold the same queue
+    and pointer (MoCo: keys of both ranks, in rank order), the same memory banks (InstDisc, CMC: rows of
+    both ranks written once) and the same global BN statistics, in float64. MoCo's loss and gradients
+    agree too; the bank methods draw their negatives per rank, so only their state is compared."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    script = str(ROOT / "train" / "parity.py")
+    args = [script, "--data", str(data), "--method", method, "--dtype", "float64"]
+    r = subprocess.run([PY, *args, "--dump", str(one)], env=env1(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    launch2([*args, "--dump", str(two)])
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert a["state"].keys() == b["state"].keys()
+    stateful = [k for k in a["state"] if k.endswith(("queue.keys", "queue.ptr", ".bank", "memory.bank"))]
+    assert stateful, sorted(a["state"])
+    for k, x in a["state"].items():
+        y = b["state"][k]
+        if x.is_floating_point():
+            assert (x - y).abs().max().item() <= 1e-9 * max(x.abs().max().item(), 1.0), k
+        else:
+            assert torch.equal(x, y), k
+    if method == "mocov2":
+        assert abs(a["loss"].item() - b["loss"].item()) <= 1e-9 * abs(a["loss"].item())
+        for k, g in a["grads"].items():
+            assert (g - b["grads"][k]).abs().max().item() <= 1e-9 * max(g.abs().max().item(), 1.0), k
+
+
 def test_two_process_training_runs(data, tmp_path):
     """2 gloo processes via `accelerate launch --multi_gpu`: trains, checkpoints, kNN, exports."""
     out = tmp_path / "ddp"

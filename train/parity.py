@@ -5,8 +5,10 @@
 
 Every process reads the same first batch of `global-batch` samples (pipeline, world_size=1) and keeps
 its contiguous slice, builds the method with the same seed, wraps it in DDP through accelerate, and
-runs forward + backward once. Rank 0 writes {"loss", "grads"} (DDP-averaged gradients) to --dump.
-tests/test_train.py::test_ddp_parity_simclr compares the files.
+runs forward + backward once, then the method's after_step (queue / bank writes, EMA targets). Rank 0
+writes {"loss" (the mean over ranks), "grads", "state"} (DDP-averaged gradients; every buffer after the step: queue and
+pointer, memory banks, BN statistics) to --dump. tests/test_train.py::test_ddp_parity_simclr and
+::test_ddp_parity_of_method_state compare the files.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def main(argv=None):
 
     cfg = config.build({"method": a.method, "data": a.data, "arch": "resnet18", "width": 8, "cifar_stem": True,
                         "sync_bn": True, "proj_hidden": 64, "proj_dim": 32, "batch_size": a.global_batch,
-                        "image_size": a.image_size, "out": str(Path(a.dump).parent / "parity_run")},
+                        "image_size": a.image_size, "out": str(Path(a.dump).parent / "parity_run"),
+                        "queue_size": 64, "nce_k": 64},
                        method_defaults(a.method))
     torch.use_deterministic_algorithms(True)
     acc = _accelerator(cfg)
@@ -64,10 +67,15 @@ def main(argv=None):
     model = acc.prepare(method)
     loss, _ = model(views, index, 0)
     acc.backward(loss)
+    inner = acc.unwrap_model(model)
+    inner.after_step(0)
+    # The mean of the ranks' losses: SimCLR evaluates the global loss on every rank, MoCo the loss of
+    # its local slice (DDP's gradient averaging makes the update that of the global mean).
+    loss = acc.reduce(loss.detach().clone(), "mean")
     if acc.is_main_process:
-        grads = {k: p.grad.detach().clone() for k, p in acc.unwrap_model(model).named_parameters()
-                 if p.grad is not None}
-        torch.save({"loss": loss.detach().clone(), "grads": grads}, a.dump)
+        grads = {k: p.grad.detach().clone() for k, p in inner.named_parameters() if p.grad is not None}
+        state = {k: b.detach().clone() for k, b in inner.named_buffers()}
+        torch.save({"loss": loss, "grads": grads, "state": state}, a.dump)
     acc.wait_for_everyone()
     acc.end_training()
 
