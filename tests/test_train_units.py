@@ -53,6 +53,43 @@ def test_config_precedence_file_and_flags(tmp_path):
     assert cfg2 == cfg
 
 
+@pytest.mark.parametrize("method, flags, key", [
+    ("simclr", ["--queue-size", "4096"], "queue_size"),      # MoCo's key on SimCLR
+    ("byol", ["--temperature", "0.1"], "temperature"),       # BYOL has no temperature
+    ("mocov2", ["--nce-k", "64"], "nce_k"),                  # a memory-bank key on MoCo
+    ("simclr", ["--cmc-objective", "core"], "cmc_objective"),
+])
+def test_a_key_the_method_does_not_use_fails_naming_it(method, flags, key):
+    from train.methods import method_reads
+    with pytest.raises(config.ConfigError, match=f"'{key}' does not apply to method '{method}'"):
+        config.parse(["--method", method, *flags], method_defaults, method_reads=method_reads)
+    config.parse(["--method", method], method_defaults, method_reads=method_reads)  # without it: fine
+
+
+@pytest.mark.parametrize("drop, key", [("lr", "lr"), ("weight_decay", "weight_decay"),
+                                       ("warmup_epochs", "warmup_epochs"), ("temperature", "temperature"),
+                                       ("queue_size", "queue_size"), ("ema", "ema")])
+def test_an_unresolved_placeholder_fails_at_parse_time(drop, key):
+    """A method whose defaults lack a value it needs (and a run that does not give it) fails naming the key,
+    instead of training at lr 0 or handing LARS a weight decay of -1."""
+    from train.methods import method_reads
+    defaults = {k: v for k, v in method_defaults("mocov2").items() if k != drop}
+    with pytest.raises(config.ConfigError, match=f"'{key}': method 'mocov2' has no default"):
+        config.build({"method": "mocov2"}, defaults, method_reads("mocov2"))
+    config.build({"method": "mocov2"}, method_defaults("mocov2"), method_reads("mocov2"))
+
+
+@pytest.mark.parametrize("flags, key, allowed", [
+    (["--lr", "1000"], "lr", r"\(0, 100\]"), (["--lr", "nan"], "lr", r"\(0, 100\]"),
+    (["--weight-decay", "2"], "weight_decay", r"\[0, 1\)"), (["--sgd-momentum", "1.5"], "sgd_momentum", r"\[0, 1\)"),
+    (["--temperature", "-0.1"], "temperature", r"\(0, 100\]"), (["--ema", "1"], "ema", r"\[0, 1\)"),
+    (["--bank-momentum", "1"], "bank_momentum", r"\[0, 1\)"),
+])
+def test_ranges_are_checked_with_what_is_allowed(flags, key, allowed):
+    with pytest.raises(config.ConfigError, match=f"'{key}'.*{allowed}"):
+        config.parse(["--method", "instdisc" if key == "bank_momentum" else "mocov2", *flags], method_defaults)
+
+
 def test_unknown_method_lists_known():
     with pytest.raises(KeyError, match="known: byol, cmc, cvrl, infomin, instdisc, mocov2, simclr"):
         get_method("swav")

@@ -148,10 +148,14 @@ class Config:
             (d.stride >= 1, "stride", "must be >= 1"),
             (m.proj_dim >= 2 and m.proj_hidden >= 2 and m.pred_hidden >= 2, "proj_dim",
              "head widths must be >= 2"),
-            (o.lr >= 0, "lr", "must be >= 0"),
+            (0 <= o.lr <= 100, "lr", "must be in (0, 100] (a peak rate for a global batch of 256; 0: the "
+                                    "method's default)"),
+            (o.weight_decay < 1, "weight_decay", "must be in [0, 1) (negative: the method's default)"),
+            (0 <= o.sgd_momentum < 1, "sgd_momentum", "must be in [0, 1)"),
             (0 <= o.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]"),
             (o.grad_clip >= 0, "grad_clip", "must be >= 0"),
-            (me.temperature >= 0 and me.temperature_final >= 0, "temperature", "must be >= 0"),
+            (0 <= me.temperature <= 100 and 0 <= me.temperature_final <= 100, "temperature",
+             "must be in (0, 100] (0: the method's default)"),
             (0 <= me.ema < 1 and 0 <= me.ema_final <= 1, "ema", "must be in [0, 1)"),
             (me.queue_size >= 0 and me.nce_k >= 0, "queue_size", "must be >= 0"),
             (0 <= me.bank_momentum < 1, "bank_momentum", "must be in [0, 1)"),
@@ -254,9 +258,18 @@ def load_file(path: str | Path) -> dict:
     return _flatten_file(data, str(path))
 
 
-def build(values: dict, defaults: dict | None = None) -> Config:
-    """A Config from flat key/value pairs over optional flat `defaults`. Unknown keys fail."""
+def build(values: dict, defaults: dict | None = None, reads: frozenset | None = None) -> Config:
+    """A Config from flat key/value pairs over optional flat `defaults`. Unknown keys fail. With `reads`
+    (the `method` section keys the chosen method uses): a `method` key in `values` the method does not
+    use fails, and so does a placeholder (lr 0, negative weight decay or warm-up, temperature / EMA /
+    queue / negatives 0) left unresolved after the method's defaults merge."""
     fields = _fields()
+    if reads is not None:
+        method = values.get("method", (defaults or {}).get("method", RunConfig().method))
+        stray = sorted(k for k in values if k in fields and fields[k][0] == "method" and k not in reads)
+        if stray:
+            raise ConfigError(f"{', '.join(repr(k) for k in stray)} does not apply to method {method!r} (it uses: "
+                              f"{', '.join(sorted(reads)) or 'no method keys'})")
     sections: dict[str, dict] = {s: {} for s in SECTIONS}
     merged = dict(defaults or {})
     merged.update(values)
@@ -267,7 +280,29 @@ def build(values: dict, defaults: dict | None = None) -> Config:
         sec, _ = fields[k]
         sections[sec][k] = _coerce(k, _hint(sec, k), v)
     hints = typing.get_type_hints(Config)
-    return Config(**{s: hints[s](**sections[s]) for s in SECTIONS})
+    cfg = Config(**{s: hints[s](**sections[s]) for s in SECTIONS})
+    if reads is not None:
+        _check_resolved(cfg, reads)
+    return cfg
+
+
+def _check_resolved(cfg: Config, reads: frozenset) -> None:
+    """Every placeholder default the method relies on must have been replaced by its defaults, the
+    config file or the command line."""
+    o, me, name = cfg.optim, cfg.method, cfg.run.method
+    unresolved = [
+        (o.lr > 0, "lr", "--lr (> 0, the peak rate for a global batch of 256)"),
+        (o.weight_decay >= 0, "weight_decay", "--weight-decay (in [0, 1))"),
+        (o.warmup_epochs >= 0, "warmup_epochs", "--warmup-epochs (>= 0)"),
+        ("temperature" not in reads or me.temperature > 0, "temperature", "--temperature (in (0, 100])"),
+        ("ema" not in reads or 0 < me.ema < 1, "ema", "--ema (in (0, 1))"),
+        ("queue_size" not in reads or me.queue_size >= 1, "queue_size", "--queue-size (>= 1)"),
+        ("nce_k" not in reads or me.nce_k >= 1, "nce_k", "--nce-k (>= 1)"),
+    ]
+    for ok, key, what in unresolved:
+        if not ok:
+            raise ConfigError(f"invalid value for {key!r}: method {name!r} has no default and none was given; "
+                              f"pass {what}")
 
 
 def from_dict(d: dict) -> Config:
@@ -300,9 +335,11 @@ def make_parser(description: str = "") -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str] | None = None, method_defaults=None, description: str = "") -> Config:
+def parse(argv: list[str] | None = None, method_defaults=None, description: str = "",
+          method_reads=None) -> Config:
     """CLI + optional --config file -> Config. `method_defaults(method_name) -> dict` supplies the
-    chosen method's defaults, applied under the config file and the flags."""
+    chosen method's defaults, applied under the config file and the flags; `method_reads(method_name)`
+    the `method` keys it uses (see build)."""
     args = vars(make_parser(description).parse_args(argv))
     cfg_path = args.pop("config")
     values = load_file(cfg_path) if cfg_path else {}
@@ -310,4 +347,4 @@ def parse(argv: list[str] | None = None, method_defaults=None, description: str 
     # Flags arrive as strings; file values are typed; _coerce handles both.
     method = values.get("method", RunConfig().method)
     defaults = method_defaults(str(method)) if method_defaults else {}
-    return build(values, defaults)
+    return build(values, defaults, method_reads(str(method)) if method_reads else None)

@@ -19,12 +19,12 @@ if __package__ in (None, ""):  # run as a script (accelerate launch train/pretra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.config import parse  # noqa: E402
-from train.methods import method_defaults  # noqa: E402
+from train.methods import method_defaults, method_reads  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse(argv, method_defaults, description=__doc__)
+    cfg = parse(argv, method_defaults, description=__doc__, method_reads=method_reads)
     trainer = Trainer(cfg)
     try:
         history = trainer.train()

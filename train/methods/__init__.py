@@ -43,4 +43,9 @@ def method_defaults(name: str) -> dict:
     return dict(get_method(name).defaults)
 
 
-__all__ = ["Method", "get_method", "known", "method_defaults"]
+def method_reads(name: str) -> frozenset:
+    """The `method` section keys the method uses (for config.parse)."""
+    return get_method(name).reads
+
+
+__all__ = ["Method", "get_method", "known", "method_defaults", "method_reads"]

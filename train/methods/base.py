@@ -30,6 +30,9 @@ class Method(nn.Module):
     """Default view recipe (pipeline/views/recipes.py)."""
     defaults: ClassVar[dict] = {}
     """Flat config keys this method sets unless the config file or the CLI does."""
+    reads: ClassVar[frozenset] = frozenset()
+    """The `method` section keys (temperature, ema, queue_size, ...) this method uses: setting any other
+    one fails at parse time, and these must be resolved (no placeholder left) once defaults merge."""
     multiview_encoder: ClassVar[bool] = False
     """True: one encoder per view (CMC); the view channel counts come from the recipe."""
 

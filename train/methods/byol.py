@@ -19,6 +19,7 @@ class BYOL(Method):
     recipe = "byol"
     defaults = {"optimizer": "lars", "lr": 0.2, "weight_decay": 1.5e-6, "warmup_epochs": 10.0,
                 "ema": 0.996, "ema_final": 1.0, "proj_hidden": 4096, "proj_dim": 256}
+    reads = frozenset({"ema", "ema_final"})
 
     def __init__(self, cfg, n_data, total_steps, view_channels):
         super().__init__(cfg, n_data, total_steps, view_channels)

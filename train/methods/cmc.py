@@ -38,6 +38,8 @@ class CMC(Method):
     multiview_encoder = True
     defaults = {"temperature": 0.07, "optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4,
                 "warmup_epochs": 0.0, "nce_k": 4096, "proj_dim": 128, "width": 32}
+    reads = frozenset({"temperature", "temperature_final", "nce_k", "nce_mode", "bank_momentum", "cmc_negatives",
+                       "cmc_objective"})
 
     def __init__(self, cfg, n_data, total_steps, view_channels):
         super().__init__(cfg, n_data, total_steps, view_channels)

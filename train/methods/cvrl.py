@@ -25,6 +25,7 @@ class CVRL(Method):
     """The trainer feeds clips (pipeline.build_clip_loader), whatever the data manifest says."""
     defaults = {"temperature": 0.1, "optimizer": "lars", "lr": 0.32, "weight_decay": 1e-6, "warmup_epochs": 5.0,
                 "arch": "r3d18"}
+    reads = frozenset({"temperature", "temperature_final"})
 
     def __init__(self, cfg, n_data, total_steps, view_channels):
         super().__init__(cfg, n_data, total_steps, view_channels)

@@ -53,6 +53,7 @@ class InstDisc(Method):
     recipe = "mocov2"
     defaults = {"temperature": 0.07, "optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4,
                 "warmup_epochs": 0.0, "nce_k": 4096, "proj_dim": 128}
+    reads = frozenset({"temperature", "temperature_final", "nce_k", "nce_mode", "bank_momentum"})
 
     def __init__(self, cfg, n_data, total_steps, view_channels):
         super().__init__(cfg, n_data, total_steps, view_channels)

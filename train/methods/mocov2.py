@@ -25,6 +25,7 @@ class MoCoV2(Method):
     recipe = "mocov2"
     defaults = {"temperature": 0.2, "optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4,
                 "warmup_epochs": 0.0, "ema": 0.999, "queue_size": 65536}
+    reads = frozenset({"temperature", "temperature_final", "ema", "ema_final", "queue_size"})
     symmetric = False
 
     def __init__(self, cfg, n_data, total_steps, view_channels):

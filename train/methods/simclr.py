@@ -27,6 +27,7 @@ class SimCLR(Method):
     recipe = "simclr"
     defaults = {"temperature": 0.2, "optimizer": "lars", "lr": 0.3, "weight_decay": 1e-6,
                 "warmup_epochs": 10.0}
+    reads = frozenset({"temperature", "temperature_final"})
 
     def __init__(self, cfg, n_data, total_steps, view_channels):
         super().__init__(cfg, n_data, total_steps, view_channels)
