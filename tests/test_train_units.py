@@ -291,3 +291,20 @@ def test_unequal_batches_are_trimmed_to_the_smallest_rank(tmp_path):
     r0, r1 = torch.load(tmp_path / "r0.pt"), torch.load(tmp_path / "r1.pt")
     assert r0["index"].tolist() == [0, 1, 2] and r1["index"].tolist() == [10, 11, 12]
     assert r0["shapes"] == r1["shapes"] == [(3, 3, 4, 4), (3, 1, 4, 4)]
+
+
+@pytest.mark.parametrize("method, shown, hidden", [
+    ("byol", ["--ema", "--lr", "--batch-size"], ["--temperature", "--queue-size", "--nce-k"]),
+    ("mocov2", ["--queue-size", "--temperature", "--ema"], ["--nce-k", "--cmc-objective"]),
+    ("cmc", ["--nce-k", "--cmc-objective", "--bank-momentum"], ["--queue-size", "--ema"]),
+])
+def test_help_per_method_shows_its_keys_and_defaults(method, shown, hidden, capsys):
+    from train.methods import method_reads
+    with pytest.raises(SystemExit):
+        config.parse(["--method", method, "--help"], method_defaults, method_reads=method_reads)
+    out = capsys.readouterr().out
+    assert f"method ({method})" in out and f"({method}'s)" in out
+    for flag in shown:
+        assert f"{flag} " in out, flag
+    for flag in hidden:
+        assert f"{flag} " not in out, flag

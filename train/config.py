@@ -313,7 +313,10 @@ def from_dict(d: dict) -> Config:
     return build(flat)
 
 
-def make_parser(description: str = "") -> argparse.ArgumentParser:
+def make_parser(description: str = "", method: str | None = None, defaults: dict | None = None,
+                reads: frozenset | None = None) -> argparse.ArgumentParser:
+    """The CLI. For a chosen `method`: its defaults are the ones shown, and `--help` lists the common keys
+    and the method keys it `reads` only (the others stay accepted, so that build() names them)."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML/JSON file with the same keys as these flags")
@@ -322,8 +325,13 @@ def make_parser(description: str = "") -> argparse.ArgumentParser:
         hint = _hint(sec, name)
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if defaults and name in defaults:
+            default = f"{defaults[name]} ({method}'s)"
         helptext = f"{f.metadata.get('help', '')} (default: {default})"
-        group = groups.get(sec) or groups.setdefault(sec, p.add_argument_group(sec))
+        if sec == "method" and reads is not None and name not in reads:
+            helptext = argparse.SUPPRESS
+        title = f"method ({method})" if sec == "method" and method else sec
+        group = groups.get(sec) or groups.setdefault(sec, p.add_argument_group(title))
         if hint is bool:
             group.add_argument(flag, dest=name, default=argparse.SUPPRESS, nargs="?", const=True,
                                metavar="BOOL", help=helptext)
@@ -340,11 +348,18 @@ def parse(argv: list[str] | None = None, method_defaults=None, description: str 
     """CLI + optional --config file -> Config. `method_defaults(method_name) -> dict` supplies the
     chosen method's defaults, applied under the config file and the flags; `method_reads(method_name)`
     the `method` keys it uses (see build)."""
-    args = vars(make_parser(description).parse_args(argv))
-    cfg_path = args.pop("config")
-    values = load_file(cfg_path) if cfg_path else {}
+    # The method first (flag over file), so that --help can show that method's keys and defaults.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    file_values = load_file(known.config) if known.config else {}
+    method = str(known.method or file_values.get("method", RunConfig().method))
+    defaults = method_defaults(method) if method_defaults else {}
+    reads = method_reads(method) if method_reads else None
+    args = vars(make_parser(description, method, defaults, reads).parse_args(argv))
+    args.pop("config")
+    values = dict(file_values)
     values.update(args)
     # Flags arrive as strings; file values are typed; _coerce handles both.
-    method = values.get("method", RunConfig().method)
-    defaults = method_defaults(str(method)) if method_defaults else {}
-    return build(values, defaults, method_reads(str(method)) if method_reads else None)
+    return build(values, defaults, reads)
