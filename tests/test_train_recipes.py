@@ -11,7 +11,7 @@ from pipeline import build_loader
 from pipeline.views.recipes import RECIPES
 
 # recipe -> a method that trains on it (CMC needs the split colour views; the others take RGB views)
-PAIRS = {"simclr": "simclr", "mocov2": "mocov2", "byol": "byol", "infomin": "infomin", "cmc_lab": "cmc",
+PAIRS = {"instdisc": "instdisc", "simclr": "simclr", "mocov2": "mocov2", "byol": "byol", "infomin": "infomin", "cmc_lab": "cmc",
          "cmc_ycbcr": "cmc", "cmc_ydbdr": "cmc", "multicrop": "simclr"}
 
 
@@ -46,3 +46,12 @@ def test_method_consumes_recipe(converted, recipe):
         assert sum(float(g.abs().sum()) for g in grads) > 0
         opt.step()
         m.after_step(step)
+
+
+def test_instdisc_decodes_one_view_only():
+    """Instance discrimination contrasts one view against the memory bank: its recipe builds one view,
+    so the loader decodes and augments nothing it would throw away."""
+    from train.methods import get_method
+    from pipeline.views.recipes import get_recipe
+    spec = get_recipe(get_method("instdisc").recipe, 32)
+    assert len(spec.views) == 1 and spec.views[0].crop.scale == (0.2, 1.0) and spec.views[0].blur is None

@@ -1,5 +1,6 @@
 """Named recipes: functions of the output size returning a `RecipeSpec` (data, no pixel code).
 
+    instdisc   Wu et al. 2018 (lemniscate): ONE view: crop (0.2, 1), gray 0.2, jitter 0.4/0.4/0.4/0.4 always, flip
     simclr     Chen et al. 2020: crop (0.08, 1), flip, jitter 0.8/0.8/0.8/0.2 p=0.8, gray 0.2, blur p=0.5
     mocov2     Chen et al. 2020b: crop (0.2, 1), jitter 0.4/0.4/0.4/0.1 p=0.8, gray 0.2, blur p=0.5
     byol       Grill et al. 2020: asymmetric views, blur p=1.0 / 0.1, solarize p=0 / 0.2
@@ -39,6 +40,16 @@ def _split(space: str, mean, std, first: tuple[int, ...], second: tuple[int, ...
                       std=tuple(std[c] for c in first)),
             ColorSpec(space=space, channels=second, mean=tuple(mean[c] for c in second),
                       std=tuple(std[c] for c in second)))
+
+
+def instdisc(image_size: int = 224) -> RecipeSpec:
+    """Instance discrimination's single view (its memory bank is the other side of every pair). The
+    reference applies grayscale before the jitter; here jitter comes first, as in every recipe, which
+    only matters for the 20% of grey views (their brightness / contrast factors still apply)."""
+    v = ViewSpec(crop=CropSpec(size=image_size, scale=(0.2, 1.0)), flip_p=0.5,
+                 jitter=JitterSpec(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, p=1.0),
+                 grayscale_p=0.2)
+    return RecipeSpec(name="instdisc", views=(v,))
 
 
 def simclr(image_size: int = 224) -> RecipeSpec:
@@ -106,7 +117,7 @@ def eval_recipe(image_size: int = 224) -> RecipeSpec:
 
 
 RECIPES: dict[str, Callable[..., RecipeSpec]] = {
-    "simclr": simclr, "mocov2": mocov2, "byol": byol, "infomin": infomin, "cmc_lab": cmc_lab,
+    "instdisc": instdisc, "simclr": simclr, "mocov2": mocov2, "byol": byol, "infomin": infomin, "cmc_lab": cmc_lab,
     "cmc_ycbcr": cmc_ycbcr, "cmc_ydbdr": cmc_ydbdr, "multicrop": multicrop, "eval": eval_recipe,
 }
 

@@ -50,7 +50,7 @@ class BankState(nn.Module):
 
 class InstDisc(Method):
     name = "instdisc"
-    recipe = "mocov2"
+    recipe = "instdisc"  # one view per sample, as in the paper: no second view is decoded and discarded
     defaults = {"temperature": 0.07, "optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4,
                 "warmup_epochs": 0.0, "nce_k": 4096, "proj_dim": 128}
     reads = frozenset({"temperature", "temperature_final", "nce_k", "nce_mode", "bank_momentum"})
@@ -62,7 +62,7 @@ class InstDisc(Method):
         self._pending = None
 
     def forward(self, views, index, step):
-        # One view per sample (the first of the recipe), as in the paper.
+        # One view per sample, as in the paper (a recipe with more views: the first one is used).
         q = self.head(self.backbone(views[0]))
         me = self.cfg.method
         loss = self.memory.loss(q, index, min(me.nce_k, self.n_data), self.temperature(step), me.nce_mode)
