@@ -8,8 +8,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import platform
 
-_DISTRIBUTIONS = {"dali": ("nvidia-dali-cuda130", "nvidia-dali-cuda120"), "pillow": ("pillow", "Pillow"),
-                  "av": ("av",)}
+_DISTRIBUTIONS = {"dali": ("nvidia-dali-cuda130", "nvidia-dali-cuda120")}
 
 
 def versions(*packages: str) -> dict[str, str]:

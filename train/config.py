@@ -265,7 +265,7 @@ def build(values: dict, defaults: dict | None = None, reads: frozenset | None = 
     queue / negatives 0) left unresolved after the method's defaults merge."""
     fields = _fields()
     if reads is not None:
-        method = values.get("method", (defaults or {}).get("method", RunConfig().method))
+        method = values.get("method", RunConfig().method)
         stray = sorted(k for k in values if k in fields and fields[k][0] == "method" and k not in reads)
         if stray:
             raise ConfigError(f"{', '.join(repr(k) for k in stray)} does not apply to method {method!r} (it uses: "

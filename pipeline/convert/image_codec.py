@@ -229,6 +229,7 @@ def normalize_image(data: bytes, *, max_side: int | None = None, quality: int = 
             return Encoded(data, info.width, info.height, action)
         if info.components in (1, 3) and info.adobe_transform != 0:
             return _reencode_jpeg(data, info, max_side, quality, why)
+        _decode_check(data, scale=True)  # CMYK / YCCK / RGB-transform JPEGs: PIL decodes corrupt data silently
         return _reencode(data, max_side, quality, max_pixels, why)
     return _reencode(data, max_side, quality, max_pixels, kind)
 
@@ -297,8 +298,6 @@ def _reencode_jpeg(data: bytes, info: JpegInfo, max_side: int | None, quality: i
 
 
 def _reencode(data: bytes, max_side: int | None, quality: int, max_pixels: int, why: str) -> Encoded:
-    if sniff(data) == "jpeg":  # CMYK / YCCK / RGB-transform JPEGs: PIL would decode corrupt data silently
-        _decode_check(data, scale=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's palette/transparency chatter; errors still raise

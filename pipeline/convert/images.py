@@ -148,7 +148,7 @@ def _process(job, data: bytes | None = None):
         if data is None:
             data = _read(path)
         enc = normalize_image(data, max_side=max_side, quality=quality, max_pixels=max_pixels, verify=verify)
-        if enc.action in KEPT and data.startswith(enc.jpeg):
+        if enc.action in KEPT:  # normalize_image keeps these as `data` or a prefix of it
             return True, (len(enc.jpeg), enc.width, enc.height, enc.action)
         return True, (enc.jpeg, enc.width, enc.height, enc.action)
     except BadImage as e:
