@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench-convert bench-pipeline bench-kernels clean
+.PHONY: setup test demo bench-convert bench-pipeline bench-kernels bench-methods clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -24,6 +24,12 @@ bench-pipeline: setup
 
 bench-kernels: setup
 	$(PY) -m kernels.bench
+
+# Every registered method pretrained on the synthetic sets with one budget, kNN + linear probe vs random
+# init: train/results/zoo.{csv,png}. ZOO_ARGS="--methods simclr,byol" picks methods (python -m train.zoo --help).
+ZOO_ARGS ?=
+bench-methods: setup
+	$(PY) -m train.zoo $(ZOO_ARGS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

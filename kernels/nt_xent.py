@@ -12,6 +12,12 @@
 #   dz_i = (1/T) sum_j (c_i p_ij + c_j p_ji) z_j  -  positive part (again via label sums),
 # and since s is symmetric a row block forms p_ji for its tile from the column rows' own LSE, so
 # one pass over column tiles gives dz with no atomics and no second kernel.
+#
+# Local anchors (`anchors=`): only a subset A of the rows are anchors, all M rows stay keys (the
+# per-process share of a data-parallel loss over gathered z). Forward runs the same row kernel over
+# A's rows only (n_a x M tiles). In backward c_j = 0 for j outside A (and LSE_j = +inf, so p_ij = 0
+# exactly): A's rows still need every column, but any other row only needs A's columns, so backward
+# is n_a x M + (M - n_a) x n_a tiles; the chunked torch path forms only A's n_a x M logits.
 from __future__ import annotations
 
 import math
@@ -34,15 +40,23 @@ _CONFIGS = [
 _CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32}
 
 
-@triton_kernel(configs=_CONFIGS, key=["M", "D"], cpu_config=_CPU_CONFIG)
-def _nt_xent_fwd_kernel(z_ptr, lse_ptr, M, D, stride_z, scale2, BLOCK_D: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """LSE_i = logsumexp_{j != i} z_i . z_j / T (natural log) for a block of rows."""
+@triton_kernel(configs=_CONFIGS, key=["n_rows", "M", "D"], cpu_config=_CPU_CONFIG)
+def _nt_xent_fwd_kernel(z_ptr, lse_ptr, row_idx_ptr, row_start, n_rows, M, D, stride_z, scale2,
+                        BLOCK_D: tl.constexpr, ROW_IDX: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """LSE_i = logsumexp_{j != i} z_i . z_j / T (natural log) for a block of anchor rows.
+
+    The anchors are rows row_start .. row_start + n_rows - 1 of z, or (ROW_IDX) the n_rows indices
+    at row_idx_ptr; lse_ptr gets one value per anchor, in anchor order. Columns are all M rows.
+    """
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = local < n_rows
+    if ROW_IDX:
+        rows = tl.load(row_idx_ptr + local, mask=rmask, other=0)
+    else:
+        rows = row_start + local
     offs_d = tl.arange(0, BLOCK_D)
-    rmask = rows < M
     dmask = offs_d < D
     a = tl.load(z_ptr + rows[:, None] * stride_z + offs_d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
@@ -67,18 +81,29 @@ def _nt_xent_fwd_kernel(z_ptr, lse_ptr, M, D, stride_z, scale2, BLOCK_D: tl.cons
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m_i = m_new
-    tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
+    tl.store(lse_ptr + local, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
 
 
-@triton_kernel(configs=_CONFIGS, key=["M", "D"], cpu_config=_CPU_CONFIG)
-def _nt_xent_bwd_kernel(z_ptr, lse_ptr, coef_ptr, dz_ptr, M, D, stride_z, stride_dz, scale2, inv_t,
-                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dz_i = (1/T) sum_{j != i} (c_i p_ij + c_j p_ji) z_j, the softmax part of the gradient."""
+@triton_kernel(configs=_CONFIGS, key=["n_rows", "n_cols", "D"], cpu_config=_CPU_CONFIG)
+def _nt_xent_bwd_kernel(z_ptr, lse_ptr, coef_ptr, dz_ptr, row_idx_ptr, row_start, n_rows,
+                        col_idx_ptr, col_start, n_cols, D, stride_z, stride_dz, scale2, inv_t,
+                        BLOCK_D: tl.constexpr, ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """dz_i = (1/T) sum_{j in cols, j != i} (c_i p_ij + c_j p_ji) z_j for the rows i of the launch.
+
+    Rows and columns are each a contiguous range (start, count) or an index list (*_IDX). lse and
+    coef are indexed by global row and have an entry for every row of z: c_j = 0 and LSE_j = +inf
+    for rows that are not anchors, so their softmax terms are exactly 0 (never 0 * inf).
+    """
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = local < n_rows
+    if ROW_IDX:
+        rows = tl.load(row_idx_ptr + local, mask=rmask, other=0)
+    else:
+        rows = row_start + local
     offs_d = tl.arange(0, BLOCK_D)
-    rmask = rows < M
     dmask = offs_d < D
     a = tl.load(z_ptr + rows[:, None] * stride_z + offs_d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
@@ -89,9 +114,13 @@ def _nt_xent_bwd_kernel(z_ptr, lse_ptr, coef_ptr, dz_ptr, M, D, stride_z, stride
     c_r = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, M, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < M
+    for start in range(0, n_cols, BLOCK_N):
+        lcol = start + tl.arange(0, BLOCK_N)
+        cmask = lcol < n_cols
+        if COL_IDX:
+            cols = tl.load(col_idx_ptr + lcol, mask=cmask, other=0)
+        else:
+            cols = col_start + lcol
         b = tl.load(z_ptr + cols[:, None] * stride_z + offs_d[None, :],
                     mask=cmask[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
@@ -109,8 +138,8 @@ def _nt_xent_bwd_kernel(z_ptr, lse_ptr, coef_ptr, dz_ptr, M, D, stride_z, stride
              mask=rmask[:, None] & dmask[None, :])
 
 
-def _launch_grid(M):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+def _launch_grid(n_rows):
+    return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)
 
 
 def _meta(z):
@@ -119,95 +148,174 @@ def _meta(z):
                 PRECISION=_backend.dot_precision(z.dtype), device_tensor=z)
 
 
-def _lse_triton(z, temperature):
+# Anchor sets inside this module: a (start, stop) pair of ints for a contiguous block (all rows is
+# (0, M)), or a 1-D int64 tensor of distinct row indices. A kernel's *_IDX=False launch still needs
+# some int64 device tensor in the unused index slot; `groups` (M ints) is always at hand for that.
+def _rows_args(rows, dummy):
+    """(index tensor, start, count, indexed) kernel arguments for an anchor set."""
+    if isinstance(rows, tuple):
+        return dummy, rows[0], rows[1] - rows[0], False
+    return rows, 0, rows.numel(), True
+
+
+def _all_rows(rows, m):
+    return isinstance(rows, tuple) and rows == (0, m)
+
+
+def _num_rows(rows):
+    return rows[1] - rows[0] if isinstance(rows, tuple) else rows.numel()
+
+
+def _lse_triton(z, rows, groups, temperature):
     M, D = z.shape
-    lse = torch.empty(M, device=z.device, dtype=torch.float32)
-    _nt_xent_fwd_kernel(_launch_grid(M), z, lse, M, D, z.stride(0), _LOG2E / temperature,
-                        **_meta(z))
+    idx, start, n, indexed = _rows_args(rows, groups)
+    lse = torch.empty(n, device=z.device, dtype=torch.float32)
+    _nt_xent_fwd_kernel(_launch_grid(n), z, lse, idx, start, n, M, D, z.stride(0),
+                        _LOG2E / temperature, ROW_IDX=indexed, **_meta(z))
     return lse
 
 
-def _softmax_grad_triton(z, lse, coef, temperature):
+def _softmax_grad_triton(z, rows, groups, lse, coef, temperature):
+    """Softmax part of dz for every row of z, anchors `rows` with LSE `lse` and weights `coef`.
+
+    Anchor rows need every column (their own softmax row, plus their column in the other anchors'
+    rows); any other row k only appears as a column of the anchors' softmax rows, so its launch runs
+    over the anchor columns only: (n_a x M) + ((M - n_a) x n_a) tiles rather than M x M.
+    """
     M, D = z.shape
     dz = torch.empty(M, D, device=z.device, dtype=torch.float32)
-    _nt_xent_bwd_kernel(_launch_grid(M), z, lse, coef, dz, M, D, z.stride(0), dz.stride(0),
-                        _LOG2E / temperature, 1.0 / temperature, **_meta(z))
+    if _all_rows(rows, M):  # every row is an anchor, in row order: today's single M x M launch
+        lse_all, coef_all, launches = lse, coef, [((0, M), (0, M))]
+    else:
+        lse_all = torch.full((M,), float("inf"), device=z.device, dtype=torch.float32)
+        coef_all = torch.zeros(M, device=z.device, dtype=torch.float32)
+        if isinstance(rows, tuple):
+            a0, a1 = rows
+            lse_all[a0:a1], coef_all[a0:a1] = lse, coef
+            launches = [(rows, (0, M))] + [(other, rows) for other in ((0, a0), (a1, M))
+                                           if other[1] > other[0]]
+        else:
+            lse_all[rows], coef_all[rows] = lse, coef
+            others = torch.ones(M, dtype=torch.bool, device=z.device)
+            others[rows] = False
+            others = others.nonzero().squeeze(1)  # a host sync, like the index checks in nt_xent
+            launches = [(rows, (0, M))] + ([(others, rows)] if others.numel() else [])
+    for row_set, col_set in launches:
+        ridx, rstart, nr, rind = _rows_args(row_set, groups)
+        cidx, cstart, nc, cind = _rows_args(col_set, groups)
+        _nt_xent_bwd_kernel(_launch_grid(nr), z, lse_all, coef_all, dz, ridx, rstart, nr, cidx,
+                            cstart, nc, D, z.stride(0), dz.stride(0), _LOG2E / temperature,
+                            1.0 / temperature, ROW_IDX=rind, COL_IDX=cind, **_meta(z))
     return dz
 
 
-def _chunk_logits(zs, zc, r0, r1):
-    """Logits of rows r0:r1 (zs = z / T) against all rows, self masked to -inf."""
-    s = zs[r0:r1] @ zc.T
-    ar = torch.arange(r1 - r0, device=zc.device)
-    s[ar, ar + r0] = float("-inf")
+def _chunk_rows(rows, r0, r1, device):
+    """Anchors r0:r1 of an anchor set: (what indexes z, their global row indices)."""
+    if isinstance(rows, tuple):
+        start = rows[0]
+        return slice(start + r0, start + r1), torch.arange(start + r0, start + r1, device=device)
+    idx = rows[r0:r1]
+    return idx, idx
+
+
+def _chunk_logits(zs, zc, rows, r0, r1):
+    """Logits of anchors r0:r1 (zs = z / T) against all rows, each anchor's own column -inf."""
+    sel, own = _chunk_rows(rows, r0, r1, zc.device)
+    s = zs[sel] @ zc.T
+    s[torch.arange(r1 - r0, device=zc.device), own] = float("-inf")
     return s
 
 
-def _lse_torch(z, temperature):
+def _lse_torch(z, rows, temperature):
     zc = z.to(_backend.compute_dtype(z))
     zs = zc / temperature
-    M = zc.shape[0]
-    lse = torch.empty(M, device=z.device, dtype=zc.dtype)
-    step = _backend.rows_per_chunk(M)
-    for r0 in range(0, M, step):
-        r1 = min(M, r0 + step)
-        lse[r0:r1] = torch.logsumexp(_chunk_logits(zs, zc, r0, r1), 1)
+    n = _num_rows(rows)
+    lse = torch.empty(n, device=z.device, dtype=zc.dtype)
+    step = _backend.rows_per_chunk(zc.shape[0])
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        lse[r0:r1] = torch.logsumexp(_chunk_logits(zs, zc, rows, r0, r1), 1)
     return lse
 
 
-def _softmax_grad_torch(z, lse, coef, temperature):
+def _softmax_grad_torch(z, rows, lse, coef, temperature):
     zc = z.to(_backend.compute_dtype(z))
     zs = zc / temperature
-    M = zc.shape[0]
+    n = _num_rows(rows)
     dz = torch.zeros_like(zc)
-    step = _backend.rows_per_chunk(M)
-    for r0 in range(0, M, step):
-        r1 = min(M, r0 + step)
-        g = _chunk_logits(zs, zc, r0, r1).sub_(lse[r0:r1, None]).exp_().mul_(coef[r0:r1, None])
-        dz[r0:r1] += g @ zc  # c_i p_ij z_j for the chunk's rows i
-        dz += g.T @ zc[r0:r1]  # c_i p_ij z_i for every column j
+    step = _backend.rows_per_chunk(zc.shape[0])
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        g = _chunk_logits(zs, zc, rows, r0, r1).sub_(lse[r0:r1, None]).exp_()
+        g.mul_(coef[r0:r1, None])
+        sel, _ = _chunk_rows(rows, r0, r1, zc.device)
+        if isinstance(sel, slice):
+            dz[sel] += g @ zc  # c_i p_ij z_j for the chunk's anchors i
+        else:
+            dz.index_add_(0, sel, g @ zc)
+        dz += g.T @ zc[sel]  # c_i p_ij z_i for every column j
     return dz / temperature
 
 
-def _label_sums(zc, groups, num_groups, weights=None):
-    """Per-label sums of z rows (optionally weighted), gathered back to each row: (M, d)."""
+def _group_sums(zc, groups, num_groups, weights=None):
+    """Per-label sums of z rows (optionally weighted): (num_groups, d)."""
     rows = zc if weights is None else zc * weights[:, None]
     sums = torch.zeros(num_groups, zc.shape[1], device=zc.device, dtype=zc.dtype)
-    return sums.index_add_(0, groups, rows)[groups]
+    return sums.index_add_(0, groups, rows)
+
+
+def _select(rows):
+    return slice(*rows) if isinstance(rows, tuple) else rows
 
 
 class _NTXent(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, groups, num_groups, temperature, triton_path):
-        lse = (_lse_triton if triton_path else _lse_torch)(z, temperature)
+    def forward(ctx, z, groups, num_groups, temperature, triton_path, rows):
+        if triton_path:
+            lse = _lse_triton(z, rows, groups, temperature)
+        else:
+            lse = _lse_torch(z, rows, temperature)
+        sel = _select(rows)
         zc = z.to(lse.dtype)
-        pos_cnt = (torch.bincount(groups, minlength=num_groups)[groups] - 1).to(lse.dtype)
-        pos_sum = (zc * (_label_sums(zc, groups, num_groups) - zc)).sum(1) / temperature
+        za, ga = zc[sel], groups[sel]
+        pos_cnt = (torch.bincount(groups, minlength=num_groups)[ga] - 1).to(lse.dtype)
+        pos_sum = (za * (_group_sums(zc, groups, num_groups)[ga] - za)).sum(1) / temperature
         has_pos = pos_cnt > 0
         n_valid = has_pos.sum()
         row_loss = lse - pos_sum / pos_cnt.clamp(min=1)
         loss = torch.where(has_pos, row_loss, 0.0).sum() / n_valid
-        ctx.save_for_backward(z, groups, lse, pos_cnt, n_valid)
+        ctx.rows = rows if isinstance(rows, tuple) else None
+        ctx.save_for_backward(z, groups, lse, pos_cnt, n_valid,
+                              *(() if isinstance(rows, tuple) else (rows,)))
         ctx.temperature, ctx.triton_path, ctx.num_groups = temperature, triton_path, num_groups
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, groups, lse, pos_cnt, n_valid = ctx.saved_tensors
+        z, groups, lse, pos_cnt, n_valid, *idx = ctx.saved_tensors
+        rows = ctx.rows if ctx.rows is not None else idx[0]
         num_groups = ctx.num_groups
         temperature = ctx.temperature
         has_pos = pos_cnt > 0
-        coef = torch.where(has_pos, grad_out / n_valid, 0.0).to(lse.dtype)
-        grad_fn = _softmax_grad_triton if ctx.triton_path else _softmax_grad_torch
-        dz = grad_fn(z, lse, coef, temperature)
-        # Positive part: d/dz_k of sum_i w_i z_i . (S_{g_i} - z_i) / T with w_i = c_i / |P(i)|
+        coef = torch.where(has_pos, grad_out / n_valid, 0.0).to(lse.dtype)  # per anchor
+        if ctx.triton_path:
+            dz = _softmax_grad_triton(z, rows, groups, lse, coef, temperature)
+        else:
+            dz = _softmax_grad_torch(z, rows, lse, coef, temperature)
+        # Positive part: d/dz_k of sum_i w_i z_i . (S_{g_i} - z_i) / T with w_i = c_i / |P(i)| for
+        # anchors and w_i = 0 for other rows
         #   = (w_k (S_{g_k} - z_k) + (W_{g_k} - w_k z_k)) / T,   W_g = sum_{g_i = g} w_i z_i.
         zc = z.to(dz.dtype)
-        w = (coef / pos_cnt.clamp(min=1)).to(dz.dtype)
-        pos_grad = (w[:, None] * (_label_sums(zc, groups, num_groups) - zc)
-                    + _label_sums(zc, groups, num_groups, w) - w[:, None] * zc)
+        w_anchor = (coef / pos_cnt.clamp(min=1)).to(dz.dtype)
+        if _all_rows(rows, z.shape[0]):
+            w = w_anchor
+        else:
+            w = torch.zeros(z.shape[0], device=z.device, dtype=dz.dtype)
+            w[_select(rows)] = w_anchor
+        pos_grad = (w[:, None] * (_group_sums(zc, groups, num_groups)[groups] - zc)
+                    + _group_sums(zc, groups, num_groups, w)[groups] - w[:, None] * zc)
         dz -= pos_grad / temperature
-        return dz.to(z.dtype), None, None, None, None
+        return dz.to(z.dtype), None, None, None, None, None
 
 
 def default_labels(m: int, num_views: int, device) -> torch.Tensor:
@@ -217,9 +325,39 @@ def default_labels(m: int, num_views: int, device) -> torch.Tensor:
     return torch.arange(m, device=device) % (m // num_views)
 
 
+def _anchor_set(anchors, m: int, device):
+    """None / slice / index tensor -> (start, stop) or distinct int64 indices (see _rows_args)."""
+    if anchors is None:
+        return (0, m)
+    if isinstance(anchors, slice):
+        start, stop, step = anchors.indices(m)
+        if step != 1:
+            raise ValueError(f"an anchors slice must have step 1, got {step}; pass an index tensor")
+        if stop <= start:
+            raise ValueError(f"anchors {anchors} select no row of {m}")
+        return (start, stop)
+    if not torch.is_tensor(anchors):
+        raise TypeError(f"anchors must be None, a slice or an index tensor, got {type(anchors)}")
+    if anchors.dim() != 1 or anchors.dtype.is_floating_point or anchors.dtype == torch.bool:
+        raise ValueError(f"an anchors tensor must be 1-D integer row indices, got "
+                         f"{anchors.dtype} {tuple(anchors.shape)}")
+    if anchors.device != device:
+        raise ValueError(f"anchors are on {anchors.device}, z on {device}")
+    if anchors.numel() == 0:
+        raise ValueError("anchors select no row")
+    idx = anchors.long().contiguous()
+    # Host syncs on CUDA (a slice needs none).
+    if not bool(((idx >= 0) & (idx < m)).all()):
+        raise ValueError(f"anchor indices must lie in [0, {m})")
+    if bool(torch.bincount(idx, minlength=m).max() > 1):
+        raise ValueError("anchor indices must be distinct")
+    return idx
+
+
 @_backend.opaque_to_compile
 def nt_xent(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = None, *,
-            num_views: int = 2, backend: str = "auto") -> torch.Tensor:
+            num_views: int = 2, anchors: slice | torch.Tensor | None = None,
+            backend: str = "auto") -> torch.Tensor:
     """Multi-positive NT-Xent loss of embeddings z (M, d); returns a float32 scalar (float64 for
     float64 inputs on the torch path).
 
@@ -230,8 +368,23 @@ def nt_xent(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = N
     are left out of the mean (the loss is NaN if no anchor has one, like cross_entropy when every
     target is ignored).
 
+    anchors: which rows of z are anchors; None = all M (the full loss). A slice with step 1 (e.g.
+    slice(r * B, (r + 1) * B)) or a 1-D tensor of distinct row indices (checked: a host sync on
+    CUDA). Every row of z stays a candidate (key) for every anchor, labels / default labels are
+    those of all M rows, and the result is the mean over the chosen anchors that have a positive,
+    with gradients for all of z. The work is n_anchors x M logits instead of M x M (the Triton
+    backward also re-forms the other rows' tiles against the anchors: n_anchors x (2M - n_anchors)
+    in all). Over a partition of the rows into blocks, the sum of loss(block) * n_valid(block) /
+    n_valid is the full loss (n_valid: anchors with a positive), and the same for the gradients.
+
     Pure function: for data-parallel training pass all-gathered features (gathered with gradients,
-    e.g. torch.distributed.nn.all_gather); the loss is a plain autograd function of its input.
+    e.g. torch.distributed.nn.all_gather); the loss is a plain autograd function of its input. To
+    split the work, each of W processes can take its own block of the gathered rows as anchors.
+    If every process has the same number of anchors with a positive (SimCLR / multi-crop: all of
+    them), the mean over processes of the local losses is the full loss, and with the gather's
+    backward summing the gradients over processes and DDP averaging them, the update is the full
+    loss's. (The default labels assume a view-major z; a per-process gather of cat([z1, z2]) is
+    process-major, so pass its labels.)
     backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (interpreter on CPU), "torch".
     """
     if z.dim() != 2:
@@ -248,11 +401,12 @@ def nt_xent(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = N
         uniq, groups = torch.unique(labels, return_inverse=True)
         num_groups = uniq.numel()
     triton_path = _backend.use_triton(backend, z, groups)
+    rows = _anchor_set(anchors, z.shape[0], z.device)
     if triton_path:
         _backend.check_triton_inputs(z.shape[1], z)
         if z.stride(1) != 1:
             z = z.contiguous()
-    return _NTXent.apply(z, groups, num_groups, float(temperature), triton_path)
+    return _NTXent.apply(z, groups, num_groups, float(temperature), triton_path, rows)
 
 
 def nt_xent_ref(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = None, *,

@@ -5,7 +5,7 @@ Loader imports are lazy so that importing `pipeline.convert` (and its worker pro
 for torch / DALI / ffcv.
 """
 
-__all__ = ["build_loader", "RECIPES", "get_recipe", "RecipeSpec", "ViewSpec", "CropSpec", "JitterSpec",
+__all__ = ["build_loader", "Batch", "RECIPES", "get_recipe", "RecipeSpec", "ViewSpec", "CropSpec", "JitterSpec",
            "BlurSpec", "RandAugmentSpec", "ColorSpec", "sample_params", "EpochSampler", "build_clip_loader",
            "CLIP_RECIPES", "get_clip_recipe", "ClipSpec", "TemporalSpec", "sample_clip_params"]
 
@@ -14,6 +14,9 @@ def __getattr__(name):
     if name == "build_loader":
         from pipeline.loaders.loader import build_loader
         return build_loader
+    if name == "Batch":
+        from pipeline.loaders.batch import Batch
+        return Batch
     if name in ("RECIPES", "get_recipe"):
         from pipeline.views import recipes
         return getattr(recipes, name)

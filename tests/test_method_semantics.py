@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train import config
-from train.methods import get_method, method_defaults
+from train_helpers import call, finish, make_method
+from train.methods import build_config, get_method
 
 B, SIZE = 6, 16
 TINY = {"arch": "resnet18", "width": 4, "cifar_stem": True, "proj_hidden": 16, "pred_hidden": 16, "proj_dim": 8}
@@ -21,8 +21,10 @@ N_DATA = 100
 
 def _method(name: str, channels=(3, 3), **over):
     torch.manual_seed(0)
-    cfg = config.build({"method": name, **TINY, **over}, method_defaults(name))
-    m = get_method(name)(cfg, N_DATA, 50, list(channels)).double()
+    clips = get_method(name).clips
+    tiny = {k: v for k, v in TINY.items() if not (clips and k == "cifar_stem")}  # an image-only key
+    cfg = build_config({"method": name, **tiny, **over})
+    m = make_method(cfg, N_DATA, 50, channels, clips=clips).double()
     m.train()
     return m
 
@@ -64,7 +66,7 @@ def test_simclr_loss_is_nt_xent():
     m = _method("simclr", temperature=0.3)
     v = _views()
     index = torch.arange(B)
-    loss, _ = m(v, index, 0)
+    loss = call(m, v, index, 0)
     with torch.no_grad():
         z = _unit(torch.cat([_embed(m.backbone, m.projector, x) for x in v]))
         s = z @ z.T / 0.3
@@ -88,7 +90,7 @@ def test_moco_loss_queue_and_momentum_encoder(name):
         key0 = [p.detach().clone() for p in (*m.key_backbone.parameters(), *m.key_projector.parameters())]
         q = [_unit(_embed(m.backbone, m.projector, x)) for x in v]
         k = [_unit(_embed(m.key_backbone, m.key_projector, x)) for x in v]
-    loss, _ = m(v, torch.arange(B), 0)
+    loss = call(m, v, torch.arange(B), 0)
     want = _infonce(q[0], k[1], queue0, 0.2)
     keys_in = [k[1]]
     if name == "infomin":
@@ -96,7 +98,7 @@ def test_moco_loss_queue_and_momentum_encoder(name):
         keys_in.append(k[0])
     assert abs(loss.item() - want.item()) <= 1e-10 * abs(want.item())
     _optimizer_step(m.backbone, m.projector)
-    m.after_step(0)
+    finish(m, 0)
     expect = queue0.clone()
     p = 4
     for kk in keys_in:
@@ -141,11 +143,11 @@ def test_byol_loss_and_ema_target():
         tgt0 = [p.detach().clone() for p in (*m.target_backbone.parameters(), *m.target_projector.parameters())]
         p = [_unit(m.predictor(_embed(m.backbone, m.projector, x))) for x in v]
         z = [_unit(_embed(m.target_backbone, m.target_projector, x)) for x in v]
-    loss, _ = m(v, torch.arange(B), 0)
+    loss = call(m, v, torch.arange(B), 0)
     want = 0.5 * ((2 - 2 * (p[0] * z[1]).sum(1)).mean() + (2 - 2 * (p[1] * z[0]).sum(1)).mean())
     assert abs(loss.item() - want.item()) <= 1e-10 * abs(want.item())
     _optimizer_step(m.backbone, m.projector, m.predictor)
-    m.after_step(0)
+    finish(m, 0)
     tau = m.ema(0)
     online = [*m.backbone.parameters(), *m.projector.parameters()]
     now = [*m.target_backbone.parameters(), *m.target_projector.parameters()]
@@ -162,7 +164,7 @@ def test_cvrl_loss_is_infonce_over_the_clips():
     2N - 2 clips are negatives; cosine similarity / t. Both clips go through the encoder in one pass."""
     m = _method("cvrl", arch="r3d18", temperature=0.1)
     v = _views(frames=4)
-    loss, _ = m(v, torch.arange(B), 0)
+    loss = call(m, v, torch.arange(B), 0)
     with torch.no_grad():
         z = _unit(m.projector(m.backbone(torch.cat(v))))
         s = z @ z.T / 0.1
@@ -208,7 +210,7 @@ def test_instdisc_loss_and_bank_update(mode):
     index = torch.tensor([3, 17, 42, 56, 80, 99])
     bank0 = m.memory.bank.clone()
     torch.manual_seed(11)
-    loss, _ = m(v, index, 0)
+    loss = call(m, v, index, 0)
     torch.manual_seed(11)
     neg = torch.randint(0, N_DATA, (B, k))
     with torch.no_grad():
@@ -221,7 +223,7 @@ def test_instdisc_loss_and_bank_update(mode):
         want = _bank_nce(f, bank0, index, neg, t, Z)
         assert float(m.memory.Z) == pytest.approx(Z.item(), rel=1e-6)  # kept as the float32 mean over ranks
     assert abs(loss.item() - want.item()) <= 1e-9 * abs(want.item())
-    m.after_step(0)
+    finish(m, 0)
     torch.testing.assert_close(m.memory.bank, _bank_update(bank0, index, f, 0.5), rtol=0, atol=1e-12)
 
 
@@ -235,7 +237,7 @@ def test_cmc_each_view_against_the_other_views_bank():
     index = torch.tensor([0, 9, 18, 27, 36, 45])
     b0, b1 = m.memories[0].bank.clone(), m.memories[1].bank.clone()
     torch.manual_seed(5)
-    loss, _ = m(v, index, 0)
+    loss = call(m, v, index, 0)
     torch.manual_seed(5)
     neg_a = torch.randint(0, N_DATA, (B, k))  # drawn for L against ab's memory
     neg_b = torch.randint(0, N_DATA, (B, k))  # then ab against L's memory
@@ -244,6 +246,6 @@ def test_cmc_each_view_against_the_other_views_bank():
         zab = _unit(m.heads[1](m.backbone.encoders[1](v[1])))
     want = _bank_softmax(zL, b1, index, neg_a, t) + _bank_softmax(zab, b0, index, neg_b, t)
     assert abs(loss.item() - want.item()) <= 1e-9 * abs(want.item())
-    m.after_step(0)
+    finish(m, 0)
     torch.testing.assert_close(m.memories[0].bank, _bank_update(b0, index, zL, 0.5), rtol=0, atol=1e-12)
     torch.testing.assert_close(m.memories[1].bank, _bank_update(b1, index, zab, 0.5), rtol=0, atol=1e-12)

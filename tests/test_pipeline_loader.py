@@ -35,8 +35,8 @@ def test_shapes_dtypes_normalization(converted, name):
     loader = build_loader(data, recipe=name, backend="dali", batch_size=8, image_size=S)
     recipe = get_recipe(name, S)
     batch = next(iter(loader))
-    assert len(batch["views"]) == len(recipe.views)
-    for v, view in zip(batch["views"], recipe.views):
+    assert len(batch.views) == len(recipe.views)
+    for v, view in zip(batch.views, recipe.views):
         assert v.shape == (8, len(view.color.channels), view.size, view.size) and v.dtype == torch.float32
         assert torch.isfinite(v).all()
         # undo the normalization: values lie in the colour space's range
@@ -46,22 +46,22 @@ def test_shapes_dtypes_normalization(converted, name):
         for c, ch in enumerate(view.color.channels):
             lo, hi = RANGES[view.color.space][ch]
             assert raw[:, c].min() >= lo - 1e-3 and raw[:, c].max() <= hi + 1e-3, (c, raw[:, c].aminmax())
-    assert batch["index"].dtype == torch.int64 and batch["label"].dtype == torch.int64
-    assert ((batch["label"] >= 0) & (batch["label"] < manifest["num_classes"])).all()
+    assert batch.index.dtype == torch.int64 and batch.label.dtype == torch.int64
+    assert ((batch.label >= 0) & (batch.label < manifest["num_classes"])).all()
 
 
 def test_views_differ_and_labels_match(converted):
     data, _ = _split(converted)
     idx = ShardIndex(data / "train")
     batch = next(iter(build_loader(data, recipe="simclr", batch_size=8, image_size=S)))
-    a, b = batch["views"]
+    a, b = batch.views
     assert ((a - b).abs().flatten(1).mean(1) > 0.05).all()
-    for i, lab in zip(batch["index"].tolist(), batch["label"].tolist()):
+    for i, lab in zip(batch.index.tolist(), batch.label.tolist()):
         assert idx.read(i)[1] == lab
 
 
 def _epoch(loader):
-    return [(b["index"].clone(), [v.clone() for v in b["views"]]) for b in loader]
+    return [(b.index.clone(), [v.clone() for v in b.views]) for b in loader]
 
 
 def _same(a, b):
@@ -115,7 +115,7 @@ def test_continuous_reading_across_epochs_gives_the_same_batches(converted, back
     got = [next(it) for _ in range(2)]
     it.close()  # the consumer stops early: the stream stays at (1, 2)
     assert ld._stream_at == (1, 2)
-    assert _same([(b["index"], b["views"]) for b in got] + _epoch(ld), want[1])
+    assert _same([(b.index, b.views) for b in got] + _epoch(ld), want[1])
     assert _same(_epoch(ld), want[2])
     ld.set_epoch(4)  # a jump: the read-ahead of epoch 3 is dropped
     assert _same(_epoch(ld), want[4])
@@ -146,7 +146,7 @@ def test_ranks_cover_the_epoch_once(converted, world):
 def test_eval_covers_everything_in_order(converted):
     data, manifest = _split(converted)
     loader = build_loader(data, recipe="eval", batch_size=16, image_size=S, mode="eval")
-    assert torch.cat([b["index"] for b in loader]).tolist() == list(range(manifest["num_samples"]))
+    assert torch.cat([b.index for b in loader]).tolist() == list(range(manifest["num_samples"]))
 
 
 def test_cmc_lab_matches_independent_conversion(converted):
@@ -156,8 +156,8 @@ def test_cmc_lab_matches_independent_conversion(converted):
     kw = dict(batch_size=8, seed=4)
     b_lab = next(iter(build_loader(data, recipe=lab, **kw)))
     b_rgb = next(iter(build_loader(data, recipe=rgb, **kw)))
-    assert torch.equal(b_lab["index"], b_rgb["index"])
-    x = (b_rgb["views"][0].double() * torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)[None, :, None, None]
+    assert torch.equal(b_lab.index, b_rgb.index)
+    x = (b_rgb.views[0].double() * torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)[None, :, None, None]
          + torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)[None, :, None, None]).numpy()
     # sRGB -> XYZ (D65) -> Lab, written out from the CIE definitions
     lin = np.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
@@ -165,9 +165,9 @@ def test_cmc_lab_matches_independent_conversion(converted):
     xyz = np.einsum("ij,njhw->nihw", m, lin) / np.array([0.95047, 1.0, 1.08883])[None, :, None, None]
     f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     L, a, bb = 116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])
-    got_L = b_lab["views"][0][:, 0].double() * lab.views[0].color.std[0] + lab.views[0].color.mean[0]
+    got_L = b_lab.views[0][:, 0].double() * lab.views[0].color.std[0] + lab.views[0].color.mean[0]
     ab_view = lab.views[1].color
-    got_ab = b_lab["views"][1].double() * torch.tensor(ab_view.std, dtype=torch.float64)[None, :, None, None] \
+    got_ab = b_lab.views[1].double() * torch.tensor(ab_view.std, dtype=torch.float64)[None, :, None, None] \
         + torch.tensor(ab_view.mean, dtype=torch.float64)[None, :, None, None]
     assert np.abs(got_L.numpy() - L).max() < 0.05
     assert np.abs(got_ab[:, 0].numpy() - a).max() < 0.1 and np.abs(got_ab[:, 1].numpy() - bb).max() < 0.1
@@ -192,15 +192,15 @@ def test_applied_crop_and_flip_match_the_record(converted, backend):
         plain.set_epoch(epoch)
         flipped.set_epoch(epoch)
         b0, b1 = next(iter(plain)), next(iter(flipped))
-        assert torch.equal(b0["aug"][0]["crop"], b1["aug"][0]["crop"]) and b1["aug"][0]["flip"].all()
-        assert torch.equal(b1["views"][0], b0["views"][0].flip(-1))
-        for k, i in enumerate(b0["index"].tolist()):
-            y, x, h, w = b0["aug"][0]["crop"][k].tolist()
+        assert torch.equal(b0.aug[0]["crop"], b1.aug[0]["crop"]) and b1.aug[0]["flip"].all()
+        assert torch.equal(b1.views[0], b0.views[0].flip(-1))
+        for k, i in enumerate(b0.index.tolist()):
+            y, x, h, w = b0.aug[0]["crop"][k].tolist()
             im = Image.open(__import__("io").BytesIO(idx.read(i)[0])).convert("RGB")
             ref = np.asarray(im.crop((x, y, x + w, y + h)).resize((S, S), Image.BILINEAR), np.float32) / 255
-            got = b0["views"][0][k].permute(1, 2, 0).numpy()
+            got = b0.views[0][k].permute(1, 2, 0).numpy()
             assert np.abs(got - ref).mean() < 0.03, (epoch, k, np.abs(got - ref).mean())
-        boxes.append(dict(zip(b0["index"].tolist(), b0["aug"][0]["crop"].tolist())))
+        boxes.append(dict(zip(b0.index.tolist(), b0.aug[0]["crop"].tolist())))
     common = set(boxes[0]) & set(boxes[1])
     assert all(boxes[0][i] != boxes[1][i] for i in common)  # new crops in the new epoch
     plain.close()
@@ -217,13 +217,13 @@ def test_dali_and_ffcv_agree(converted):
     f = list(build_loader(data, recipe="simclr", backend="ffcv", num_threads=1, **kw))
     assert len(d) == len(f)
     for bd, bf in zip(d, f):
-        assert torch.equal(bd["index"], bf["index"]) and torch.equal(bd["label"], bf["label"])
-        for rd, rf in zip(bd["aug"], bf["aug"]):
+        assert torch.equal(bd.index, bf.index) and torch.equal(bd.label, bf.label)
+        for rd, rf in zip(bd.aug, bf.aug):
             assert all(torch.equal(rd[k], rf[k]) for k in rd)
-        for vd, vf in zip(bd["views"], bf["views"]):
+        for vd, vf in zip(bd.views, bf.views):
             assert (vd - vf).abs().mean() < 0.15  # normalized units (~0.03 in [0, 1])
-    md = torch.stack([torch.cat([b["views"][0] for b in d]).mean((0, 2, 3)), torch.cat([b["views"][0] for b in d]).std((0, 2, 3))])
-    mf = torch.stack([torch.cat([b["views"][0] for b in f]).mean((0, 2, 3)), torch.cat([b["views"][0] for b in f]).std((0, 2, 3))])
+    md = torch.stack([torch.cat([b.views[0] for b in d]).mean((0, 2, 3)), torch.cat([b.views[0] for b in d]).std((0, 2, 3))])
+    mf = torch.stack([torch.cat([b.views[0] for b in f]).mean((0, 2, 3)), torch.cat([b.views[0] for b in f]).std((0, 2, 3))])
     assert (md - mf).abs().max() < 0.05
 
 
@@ -261,7 +261,7 @@ def test_corrupt_member_is_skipped_and_counted(corrupt_split, converted):
     hdr = simplejpeg.decode_jpeg_header(ShardIndex(corrupt_split / "train").read(5)[0])
     assert hdr[0] > 0  # the header is still valid: only the scan data is garbage
     loader = build_loader(corrupt_split, recipe="eval", batch_size=8, image_size=S, mode="eval")
-    seen = torch.cat([b["index"] for b in loader]).tolist()
+    seen = torch.cat([b.index for b in loader]).tolist()
     assert seen == [i for i in range(manifest["num_samples"]) if i != 5]
     assert loader.stats["skipped"] == 1 and loader.stats["skipped_samples"][0][0] == 5
     assert "entropy" in loader.stats["skipped_samples"][0][1]
@@ -281,7 +281,7 @@ def test_ffcv_corrupt_member_is_skipped_and_counted(converted, tmp_path):
     raw[at:at + len(jpeg)] = _corrupt(jpeg)
     beton.write_bytes(bytes(raw))
     loader = build_loader(tmp_path, recipe="eval", backend="ffcv", batch_size=8, image_size=S, num_threads=1, mode="eval")
-    seen = torch.cat([b["index"] for b in loader]).tolist()
+    seen = torch.cat([b.index for b in loader]).tolist()
     assert seen == [i for i in range(manifest["num_samples"]) if i != 5]
     assert loader.stats["skipped"] == 1 and loader.stats["skipped_samples"][0][0] == 5
 
@@ -329,7 +329,7 @@ def test_mode_is_explicit_not_guessed_from_the_recipe_name(converted):
     data, _ = _split(converted)
     ev = build_loader(data, recipe=center_crop_views(cmc_lab(S), S), batch_size=8, image_size=S, mode="eval")
     assert not ev.continuous and not ev.sampler.shuffle and not ev.sampler.drop_last
-    idx = torch.cat([b["index"] for b in ev])
+    idx = torch.cat([b.index for b in ev])
     assert idx.tolist() == list(range(ev.sampler.num_samples))
     ev.close()
     tr = build_loader(data, recipe="eval", batch_size=8, image_size=S, mode="train")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import env1, trained_vs_random
+from train_helpers import call, env1, finish, image_methods, make_method, stateful_methods, tiny_config, trained_vs_random
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,29 +61,28 @@ def max_diff(a, b):
 
 
 # -- every method on real pipeline batches -----------------------------------------------------
-@pytest.mark.parametrize("method", ["simclr", "mocov2", "infomin", "byol", "instdisc", "cmc"])
+@pytest.mark.parametrize("method", image_methods())
 def test_method_trains_on_pipeline_batch(data, method):
     """A few SGD steps on one real batch of the method's own recipe: the loss falls."""
     from pipeline import build_loader
-    from train import config
-    from train.methods import get_method, method_defaults
+    from train.methods import get_method
     cls = get_method(method)
-    cfg = config.build({"method": method, "arch": "resnet18", "width": 8, "cifar_stem": True, "proj_hidden": 64,
-                        "pred_hidden": 64, "proj_dim": 32, "queue_size": 32, "nce_k": 64}, method_defaults(method))
+    cfg = tiny_config(method, {"arch": "resnet18", "width": 8, "cifar_stem": True, "proj_hidden": 64,
+                               "pred_hidden": 64, "proj_dim": 32}, queue_size=32, nce_k=64)
     loader = build_loader(data, "train", cls.recipe, "dali", batch_size=16, image_size=32, seed=0)
     batch = next(iter(loader))
     loader.close()
     torch.manual_seed(0)
-    m = cls(cfg, loader.sampler.num_samples, 20, [v.shape[1] for v in batch["views"]])
+    m = make_method(cfg, loader.sampler.num_samples, 20, [v.shape[1] for v in batch.views])
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     start = 32 // 16 if method in ("mocov2", "infomin") else 0  # after the random queue is replaced
     losses = []
     for s in range(start + 6):
-        loss, _ = m(batch["views"], batch["index"], s)
+        loss = call(m, batch.views, batch.index, s)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        m.after_step(s)
+        finish(m, s)
         losses.append(loss.item())
     assert sum(losses[-2:]) / 2 < losses[start], losses
 
@@ -225,7 +224,7 @@ def test_ddp_parity_simclr(data, tmp_path, dtype="float64", tol=1e-9):
         assert (g - b["grads"][k]).abs().max().item() <= tol * max(scale, 1.0), k
 
 
-@pytest.mark.parametrize("method", ["mocov2", "instdisc", "cmc"])
+@pytest.mark.parametrize("method", stateful_methods())
 def test_ddp_parity_of_method_state(data, tmp_path, method):
     """The stateful methods after one step: 1 process x 32 and 2 gloo processes x 16 hold the same queue
     and pointer (MoCo: keys of both ranks, in rank order), the same memory banks (InstDisc, CMC: rows of
@@ -247,7 +246,7 @@ def test_ddp_parity_of_method_state(data, tmp_path, method):
             assert (x - y).abs().max().item() <= 1e-9 * max(x.abs().max().item(), 1.0), k
         else:
             assert torch.equal(x, y), k
-    if method == "mocov2":
+    if "queue.keys" in a["state"]:
         assert abs(a["loss"].item() - b["loss"].item()) <= 1e-9 * abs(a["loss"].item())
         for k, g in a["grads"].items():
             assert (g - b["grads"][k]).abs().max().item() <= 1e-9 * max(g.abs().max().item(), 1.0), k
@@ -262,6 +261,9 @@ def test_two_process_training_runs(data, tmp_path):
     assert cfg["world_size"] == 2 and cfg["steps_per_epoch"] == 240 // 32
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("knn@20" in r for r in rows)
+    # the online probe: its accuracy on the training views of both ranks and on the kNN queries
+    epoch = [r for r in rows if r["kind"] == "epoch"][-1]
+    assert 0 <= epoch["probe_train_top1"] <= 100 and 0 <= epoch["probe_top1"] <= 100, epoch
     assert (out / "backbone.safetensors").exists() and (out / "report.png").exists()
 
 
@@ -351,3 +353,67 @@ def test_non_finite_loss_stops_or_skips(data, tmp_path):
     assert "last good checkpoint: none" in r.stderr
     r = pretrain(args + ["--nan-policy", "skip", "--max-nan-skips", "2"], tmp_path / "skip", check=False)
     assert r.returncode != 0 and "after 2 skipped steps" in r.stderr and "at step 2" in r.stderr
+
+
+# -- the epoch-start hook --------------------------------------------------------------------------
+def _epoch_env():
+    return {**env1(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "INFOVIEW_METHODS": "epoch_method"}
+
+
+def _run_epochmean(data, out, *extra, launcher=(PY,)):
+    args = [*launcher, str(ROOT / "train" / "pretrain.py"), "--method", "epochmean", "--data", str(data), *TINY,
+            "--batch-size", "16", "--epochs", "2", "--knn-every", "0", "--out", str(out), *extra]
+    r = subprocess.run(args, env=_epoch_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{' '.join(args)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _final_state(run):
+    """The model state of the run's latest checkpoint (read as written, whatever its world size)."""
+    from train.checkpoint import latest_checkpoint
+    return torch.load(latest_checkpoint(run) / "state.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_epoch_start_pass_is_state_and_resumes_exactly(data, tmp_path):
+    """A method's on_epoch_start runs once per epoch over the whole train split (240 rows) and its result
+    lives in registered state: a run stopped at an epoch's end (the next pass runs on resume) and one
+    stopped right after a pass and a step (the pass must not run again: its state comes from the
+    checkpoint) both end bit-identical to an uninterrupted run."""
+    spe = 240 // 16
+    _run_epochmean(data, tmp_path / "full")
+    full = _final_state(tmp_path / "full")
+    assert int(full["passes"]) == 2 and int(full["pass_rows"]) == 240
+    for stop in (spe, spe + 1):
+        run = tmp_path / f"stop{stop}"
+        _run_epochmean(data, run, "--max-steps", str(stop))
+        assert int(_final_state(run)["passes"]) == (1 if stop == spe else 2)
+        _run_epochmean(data, run, "--resume")
+        got = _final_state(run)
+        assert got.keys() == full.keys()
+        for k in full:
+            assert torch.equal(got[k], full[k]), (stop, k)
+
+
+def test_epoch_start_pass_two_processes(data, tmp_path):
+    """With 2 gloo processes every rank gathers the whole split (240 rows, not its 120) and holds the same
+    state: the trainer checks the registered state's digest on every rank at each checkpoint."""
+    _run_epochmean(data, tmp_path / "ddp", "--epochs", "1",
+                   launcher=(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no"))
+    st = _final_state(tmp_path / "ddp")
+    assert int(st["passes"]) == 1 and int(st["pass_rows"]) == 240
+
+
+def test_vit_backbone_trains_and_exports(data, tmp_path):
+    """A ViT from the registry (patch 4 on 32 px crops) trains through the trainer like a ResNet, and its
+    export rebuilds with the positions it was trained with."""
+    from train.models import load_backbone
+    out = tmp_path / "vit"
+    pretrain(["--method", "mocov2", "--data", str(data), "--arch", "vit_tiny", "--patch-size", "4", "--image-size",
+              "32", "--proj-hidden", "64", "--proj-dim", "32", "--progress", "false", "--batch-size", "16",
+              "--epochs", "1", "--max-steps", "3", "--queue-size", "64", "--knn-every", "0"], out)
+    net = load_backbone(str(out / "backbone.safetensors"))
+    assert type(net).__name__ == "VisionTransformer" and net.feat_dim == 192
+    assert tuple(net.pos_embed.shape) == (1, 1 + (32 // 4) ** 2, 192)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(net(x), net.forward_features(x, ("pooled",))["pooled"])

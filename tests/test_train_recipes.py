@@ -9,6 +9,7 @@ import torch
 
 from pipeline import build_loader
 from pipeline.views.recipes import RECIPES
+from train_helpers import call, finish, make_method, tiny_config
 
 # recipe -> a method that trains on it (CMC needs the split colour views; the others take RGB views)
 PAIRS = {"instdisc": "instdisc", "simclr": "simclr", "mocov2": "mocov2", "byol": "byol", "infomin": "infomin", "cmc_lab": "cmc",
@@ -21,23 +22,20 @@ def test_every_training_recipe_is_paired():
 
 @pytest.mark.parametrize("recipe", list(PAIRS))
 def test_method_consumes_recipe(converted, recipe):
-    from train import config
-    from train.methods import get_method, method_defaults
     method = PAIRS[recipe]
     split_dir = converted[0]
-    cfg = config.build({"method": method, "recipe": recipe, "arch": "resnet18", "width": 8, "cifar_stem": True,
-                        "proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16, "queue_size": 16, "nce_k": 16},
-                       method_defaults(method))
+    cfg = tiny_config(method, {"recipe": recipe, "arch": "resnet18", "width": 8, "cifar_stem": True,
+                               "proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16}, queue_size=16, nce_k=16)
     loader = build_loader(split_dir.parent, "train", recipe, "dali", batch_size=8, image_size=32, seed=1)
     try:
         batches = [b for _, b in zip(range(2), loader)]
     finally:
         loader.close()
     torch.manual_seed(0)
-    m = get_method(method)(cfg, loader.sampler.num_samples, 10, [v.shape[1] for v in batches[0]["views"]])
+    m = make_method(cfg, loader.sampler.num_samples, 10, [v.shape[1] for v in batches[0].views])
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01)
     for step, b in enumerate(batches):
-        loss, _ = m(b["views"], b["index"], step)
+        loss = call(m, b.views, b.index, step)
         opt.zero_grad()
         loss.backward()
         assert torch.isfinite(loss), (recipe, step)
@@ -45,7 +43,7 @@ def test_method_consumes_recipe(converted, recipe):
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert sum(float(g.abs().sum()) for g in grads) > 0
         opt.step()
-        m.after_step(step)
+        finish(m, step)
 
 
 def test_instdisc_decodes_one_view_only():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 
 from train import checkpoint as ckpt
 from train import config
-from train.methods import get_method, known, method_defaults
+from train.methods import build_config, get_method, known, parse_config
+from train_helpers import call, finish, make_method
 from train.models import ResNet, build_backbone, export_backbone, load_backbone
 from train.optim import LARS, cosine_schedule
 
@@ -21,7 +23,10 @@ TINY = {"arch": "resnet18", "width": 8, "cifar_stem": True, "proj_hidden": 64, "
 
 
 def tiny_cfg(method: str, **kw) -> config.Config:
-    return config.build({"method": method, **TINY, **kw}, method_defaults(method))
+    """TINY's common keys, and its method keys where the method has them."""
+    own = {f.name for f in dataclasses.fields(get_method(method).Config)}
+    tiny = {k: v for k, v in TINY.items() if k not in ("queue_size", "nce_k") or k in own}
+    return build_config({"method": method, **tiny, **kw})
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -39,17 +44,18 @@ def test_config_unknown_and_invalid_fail(tmp_path):
     bad = tmp_path / "run.yaml"
     bad.write_text("optim:\n  lr: 0.1\n  momentumm: 0.9\n")
     with pytest.raises(config.ConfigError, match="momentumm"):
-        config.parse(["--config", str(bad)], method_defaults)
+        parse_config(["--config", str(bad)])
 
 
 def test_config_precedence_file_and_flags(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("batch-size: 64\noptim:\n  lr: 0.5\nmethod: mocov2\n")
-    cfg = config.parse(["--config", str(f), "--lr", "0.7", "--cifar-stem"], method_defaults)
+    cfg = parse_config(["--config", str(f), "--lr", "0.7", "--cifar-stem"])
     assert cfg.data.batch_size == 64 and cfg.optim.lr == 0.7 and cfg.model.cifar_stem is True
     assert cfg.run.method == "mocov2" and cfg.method.queue_size == 65536  # the method's default
     assert cfg.method.temperature == pytest.approx(0.2)
-    cfg2 = config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    from train.methods import config_from_dict
+    cfg2 = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert cfg2 == cfg
 
 
@@ -60,41 +66,41 @@ def test_config_precedence_file_and_flags(tmp_path):
     ("simclr", ["--cmc-objective", "core"], "cmc_objective"),
 ])
 def test_a_key_the_method_does_not_use_fails_naming_it(method, flags, key):
-    from train.methods import method_reads
     with pytest.raises(config.ConfigError, match=f"'{key}' does not apply to method '{method}'"):
-        config.parse(["--method", method, *flags], method_defaults, method_reads=method_reads)
-    config.parse(["--method", method], method_defaults, method_reads=method_reads)  # without it: fine
+        parse_config(["--method", method, *flags])
+    parse_config(["--method", method])  # without it: fine
 
 
-@pytest.mark.parametrize("drop, key", [("lr", "lr"), ("weight_decay", "weight_decay"),
-                                       ("warmup_epochs", "warmup_epochs"), ("temperature", "temperature"),
-                                       ("queue_size", "queue_size"), ("ema", "ema")])
-def test_an_unresolved_placeholder_fails_at_parse_time(drop, key):
-    """A method whose defaults lack a value it needs (and a run that does not give it) fails naming the key,
-    instead of training at lr 0 or handing LARS a weight decay of -1."""
-    from train.methods import method_reads
-    defaults = {k: v for k, v in method_defaults("mocov2").items() if k != drop}
-    with pytest.raises(config.ConfigError, match=f"'{key}': method 'mocov2' has no default"):
-        config.build({"method": "mocov2"}, defaults, method_reads("mocov2"))
-    config.build({"method": "mocov2"}, method_defaults("mocov2"), method_reads("mocov2"))
+@pytest.mark.parametrize("drop", ["lr", "weight_decay", "warmup_epochs"])
+def test_an_unresolved_placeholder_fails_at_parse_time(drop):
+    """A method whose defaults lack a common value it needs (and a run that does not give it) fails naming
+    the key, instead of training at lr 0 or handing LARS a weight decay of -1. (A method's own keys have
+    real defaults in its Config dataclass: nothing to resolve.)"""
+    cls = get_method("mocov2")
+    lacking = type("Lacking", (), {"name": "mocov2", "Config": cls.Config, "clips": False,
+                                   "defaults": {k: v for k, v in cls.defaults.items() if k != drop}})
+    with pytest.raises(config.ConfigError, match=f"'{drop}': method 'mocov2' has no default"):
+        config.build({"method": "mocov2"}, lacking)
+    config.build({"method": "mocov2"}, cls)
 
 
 @pytest.mark.parametrize("flags, key, allowed", [
     (["--lr", "1000"], "lr", r"\(0, 100\]"), (["--lr", "nan"], "lr", r"\(0, 100\]"),
     (["--weight-decay", "2"], "weight_decay", r"\[0, 1\)"), (["--sgd-momentum", "1.5"], "sgd_momentum", r"\[0, 1\)"),
-    (["--temperature", "-0.1"], "temperature", r"\(0, 100\]"), (["--ema", "1"], "ema", r"\[0, 1\)"),
+    (["--temperature", "-0.1"], "temperature", r"\(0, 100\]"), (["--ema", "1"], "ema", r"\(0, 1\)"),
+    (["--queue-size", "0"], "queue_size", ">= 1"), (["--probe-lr", "0"], "probe_lr", r"\(0, 10\]"),
     (["--bank-momentum", "1"], "bank_momentum", r"\[0, 1\)"),
 ])
 def test_ranges_are_checked_with_what_is_allowed(flags, key, allowed):
     with pytest.raises(config.ConfigError, match=f"'{key}'.*{allowed}"):
-        config.parse(["--method", "instdisc" if key == "bank_momentum" else "mocov2", *flags], method_defaults)
+        parse_config(["--method", "instdisc" if key == "bank_momentum" else "mocov2", *flags])
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(KeyError, match="known: byol, cmc, cvrl, infomin, instdisc, mocov2, simclr"):
+    with pytest.raises(KeyError, match="known: " + ", ".join(known())):
         get_method("swav")
-    with pytest.raises(KeyError, match="unknown method"):
-        config.parse(["--method", "swav"], method_defaults)
+    with pytest.raises(config.ConfigError, match="unknown method 'swav'; known: " + ", ".join(known())):
+        parse_config(["--method", "swav"])
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -150,7 +156,7 @@ def test_method_loss_falls_on_fixed_batch(name, kw):
     torch.manual_seed(0)
     cfg = tiny_cfg(name, **kw)
     chans = [1, 2] if name == "cmc" else [3, 3]
-    m = get_method(name)(cfg, 64, 20, chans)
+    m = make_method(cfg, 64, 20, chans)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     base = torch.randn(16, 3, 16, 16)
     views = [base[:, :c] + 0.1 * torch.randn(16, c, 16, 16) for c in chans]
@@ -159,12 +165,12 @@ def test_method_loss_falls_on_fixed_batch(name, kw):
     # MoCo's step-0 queue is random noise (easy negatives): judge the loss once real keys filled it.
     start = cfg.method.queue_size // 16 if name in ("mocov2", "infomin") else 0
     for s in range(start + 8):
-        loss, _ = m(views, idx, s)
+        loss = call(m, views, idx, s)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        m.after_step(s)
+        finish(m, s)
         losses.append(loss.item())
     assert np.mean(losses[-2:]) < losses[start], losses
 
@@ -175,21 +181,21 @@ def test_cmc_multiview_objectives():
     assert len(pair_indices(4, "full")) == 6
     torch.manual_seed(0)
     for obj in ("core", "full"):
-        m = get_method("cmc")(tiny_cfg("cmc", cmc_objective=obj), 32, 5, [1, 2, 3])
+        m = make_method(tiny_cfg("cmc", cmc_objective=obj), 32, 5, [1, 2, 3])
         views = [torch.randn(8, c, 16, 16) for c in (1, 2, 3)]
-        loss, _ = m(views, torch.arange(8), 0)
+        loss = call(m, views, torch.arange(8), 0)
         loss.backward()
         assert torch.isfinite(loss) and len(m.memories) == 3
         assert all(p.grad is not None for p in m.backbone.encoders[2].parameters())
 
 
 def test_banks_and_queue_are_persistent_state():
-    m = get_method("mocov2")(tiny_cfg("mocov2"), 64, 5, [3, 3])
+    m = make_method(tiny_cfg("mocov2"), 64, 5, [3, 3])
     sd = m.state_dict()
     assert "queue.keys" in sd and sd["queue.ptr"].dtype == torch.long
-    m2 = get_method("instdisc")(tiny_cfg("instdisc"), 64, 5, [3, 3])
+    m2 = make_method(tiny_cfg("instdisc"), 64, 5, [3, 3])
     assert m2.state_dict()["memory.bank"].shape == (64, 32) and "memory.Z" in m2.state_dict()
-    m3 = get_method("cmc")(tiny_cfg("cmc"), 64, 5, [1, 2])
+    m3 = make_method(tiny_cfg("cmc"), 64, 5, [1, 2])
     assert {"memories.0.bank", "memories.1.bank"} <= set(m3.state_dict())
     # the queue pointer advances as a tensor and wraps around
     q = m.queue
@@ -203,7 +209,7 @@ def test_schedules_and_lars():
     assert len(s) == 100 and s[0] == 0 and s[10] == pytest.approx(1.0) and s[-1] < 0.01
     assert np.all(np.diff(s[10:]) <= 0)
     cfg = tiny_cfg("byol")
-    m = get_method("byol")(cfg, 64, 100, [3, 3])
+    m = make_method(cfg, 64, 100, [3, 3])
     assert m.ema(0) == pytest.approx(0.996) and m.ema(99) == pytest.approx(1.0, abs=1e-5)
     w = torch.nn.Parameter(torch.ones(4, 4))
     opt = LARS([{"params": [w], "weight_decay": 0.0, "lars_exclude": False}], lr=1.0, momentum=0.0)
@@ -273,12 +279,16 @@ def _equal_batch_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         n = 5 if rank == 0 else 3  # rank 1's loader skipped two corrupt members
-        batch = {"views": [torch.full((n, 3, 4, 4), float(rank)), torch.zeros(n, 1, 4, 4)],
-                 "index": torch.arange(n) + 10 * rank, "label": torch.zeros(n, dtype=torch.long)}
+        from pipeline.loaders.batch import Batch
+        batch = Batch(views=[torch.full((n, 3, 4, 4), float(rank)), torch.zeros(n, 1, 4, 4)],
+                      index=torch.arange(n) + 10 * rank, label=torch.zeros(n, dtype=torch.long),
+                      aug=[{"crop": torch.arange(4 * n).view(n, 4)}] * 2, times=[torch.zeros(n, 4, dtype=torch.long)],
+                      extra={"weights": torch.ones(n)})
         me = types.SimpleNamespace(world=2, device=torch.device("cpu"))
         out = Trainer._equal_batch(me, batch)
-        torch.save({k: out[k] for k in ("index", "label")} | {"shapes": [tuple(v.shape) for v in out["views"]]},
-                   f"{out_dir}/r{rank}.pt")
+        torch.save({"index": out.index, "label": out.label, "shapes": [tuple(v.shape) for v in out.views],
+                    "aug": [tuple(a["crop"].shape) for a in out.aug], "times": [tuple(t.shape) for t in out.times],
+                    "extra": tuple(out.extra["weights"].shape)}, f"{out_dir}/r{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -291,6 +301,8 @@ def test_unequal_batches_are_trimmed_to_the_smallest_rank(tmp_path):
     r0, r1 = torch.load(tmp_path / "r0.pt"), torch.load(tmp_path / "r1.pt")
     assert r0["index"].tolist() == [0, 1, 2] and r1["index"].tolist() == [10, 11, 12]
     assert r0["shapes"] == r1["shapes"] == [(3, 3, 4, 4), (3, 1, 4, 4)]
+    # every per-sample field is trimmed alike: augmentation records, frame times, extras
+    assert r0["aug"] == r1["aug"] == [(3, 4)] * 2 and r0["times"] == [(3, 4)] and r0["extra"] == (3,)
 
 
 @pytest.mark.parametrize("method, shown, hidden", [
@@ -299,9 +311,8 @@ def test_unequal_batches_are_trimmed_to_the_smallest_rank(tmp_path):
     ("cmc", ["--nce-k", "--cmc-objective", "--bank-momentum"], ["--queue-size", "--ema"]),
 ])
 def test_help_per_method_shows_its_keys_and_defaults(method, shown, hidden, capsys):
-    from train.methods import method_reads
     with pytest.raises(SystemExit):
-        config.parse(["--method", method, "--help"], method_defaults, method_reads=method_reads)
+        parse_config(["--method", method, "--help"])
     out = capsys.readouterr().out
     assert f"method ({method})" in out and f"({method}'s)" in out
     for flag in shown:

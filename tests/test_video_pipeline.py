@@ -60,17 +60,17 @@ def test_clip_batches_shapes_and_dtypes(vdata):
     batches = list(ld)
     assert len(batches) == 3 and ld.epoch == 1 and ld.stats["skipped"] == 0 and ld.stats["decoder"] == "pyav"
     for b in batches:
-        assert len(b["views"]) == 2
-        for v in b["views"]:
+        assert len(b.views) == 2
+        for v in b.views:
             assert v.shape == (8, 3, FRAMES, SIZE, SIZE) and v.dtype == torch.float32 and torch.isfinite(v).all()
-        assert b["index"].dtype == torch.int64 and b["label"].dtype == torch.int64 and b["label"].max() < 4
-        for rec in b["aug"]:
+        assert b.index.dtype == torch.int64 and b.label.dtype == torch.int64 and b.label.max() < 4
+        for rec in b.aug:
             assert rec["frames"].shape == (8, FRAMES) and rec["crop"].shape == (8, 4)
             assert torch.equal(rec["frames"], (rec["start"][:, None] + torch.arange(FRAMES) * STRIDE)
                                % rec["num_frames"][:, None])
     ev = loader(vdata, "eval", split="val", batch_size=3, mode="eval")
     assert ev.sampler.num_samples == 8 and len(ev) == 3  # eval drops nothing: 3 + 3 + 2
-    sizes = [len(b["index"]) for b in ev]
+    sizes = [len(b.index) for b in ev]
     assert sizes == [3, 3, 2] and ev.recipe.num_clips == 1
     ld.close()
     ev.close()
@@ -83,14 +83,14 @@ def test_records_are_the_image_records_per_clip(vdata):
     ld.set_epoch(2)
     b = next(iter(ld))
     ld.close()
-    idx = b["index"].numpy()
+    idx = b.index.numpy()
     spec = ld.recipe
     widths, heights = np.full(len(idx), 64), np.full(len(idx), 64)
     for c in range(2):
         want = view_params(spec.views[c], 3, 2, c, idx, widths, heights)
         for k, a in want.items():
-            assert np.array_equal(b["aug"][c][k].numpy(), a), k
-    a0, a1 = b["aug"]
+            assert np.array_equal(b.aug[c][k].numpy(), a), k
+    a0, a1 = b.aug
     assert (a0["crop"] != a1["crop"]).any(1).all()  # independent crops for the two clips of every video
     assert (a0["jitter"] != a1["jitter"]).any(1).sum() >= len(idx) // 2
     assert torch.equal(a0["offset"], a1["offset"])
@@ -124,7 +124,7 @@ def test_eval_clip_pixels_match_a_manual_decode_crop_resize(vdata):
     b = next(iter(ld))
     ld.close()
     ix = VideoIndex(vdata / "val")
-    i = int(b["index"][1])
+    i = int(b.index[1])
     frames = full_decode(ix.read_video(i))
     L = len(frames)
     s = (L - (FRAMES - 1) * STRIDE - 1) // 2
@@ -136,7 +136,7 @@ def test_eval_clip_pixels_match_a_manual_decode_crop_resize(vdata):
         im = Image.fromarray(frames[s + t * STRIDE]).resize((SIZE, SIZE), Image.Resampling.BILINEAR,
                                                            box=(top, top, top + c, top + c), reducing_gap=None)
         want = (torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 - mean) / std
-        assert torch.allclose(b["views"][0][1, :, t], want, atol=1e-5)
+        assert torch.allclose(b.views[0][1, :, t], want, atol=1e-5)
     ix.close()
 
 
@@ -205,7 +205,7 @@ def test_two_ranks_cover_the_epoch_once(vdata):
     for r in range(2):
         ld = loader(vdata, rank=r, world_size=2, batch_size=4)
         ld.set_epoch(1)
-        seen.append(np.concatenate([b["index"].numpy() for b in ld]))
+        seen.append(np.concatenate([b.index.numpy() for b in ld]))
         assert len(ld) == 3
         ld.close()
     assert len(set(seen[0]) & set(seen[1])) == 0
@@ -224,8 +224,8 @@ def test_resume_yields_exactly_the_next_batches(vdata):
     rest_b = list(b)
     assert len(rest_a) == len(rest_b) == 3
     for x, y in zip(rest_a, rest_b):
-        assert torch.equal(x["index"], y["index"])
-        for u, v in zip(x["views"], y["views"]):
+        assert torch.equal(x.index, y.index)
+        for u, v in zip(x.views, y.views):
             assert torch.equal(u, v)
     c = loader(vdata, batch_size=6, frames=FRAMES + 1)
     with pytest.raises(ValueError, match="frames"):
@@ -248,7 +248,7 @@ def test_corrupt_member_is_skipped_and_counted(vdata, tmp_path):
             f.write(b"\0" * min(64, int(size)))
     ix.close()
     ld = loader(bad, "eval", split="val", batch_size=8, mode="eval")
-    got = np.concatenate([b["index"].numpy() for b in ld])
+    got = np.concatenate([b.index.numpy() for b in ld])
     assert sorted(got.tolist()) == [i for i in range(8) if i not in victims]
     assert ld.stats["skipped"] == 2 and {i for i, _ in ld.stats["skipped_samples"]} == set(victims)
     reasons = dict(ld.stats["skipped_samples"])
@@ -309,7 +309,7 @@ def test_dali_decoder_falls_back_to_pyav_on_h264_cpu(vdata):
     assert sum("DALI video decoder not usable" in str(x.message) for x in w) == 1
     pl = loader(vdata, decoder="pyav")
     for x, y in zip(pl, got):
-        assert torch.equal(x["index"], y["index"]) and all(torch.equal(u, v) for u, v in zip(x["views"], y["views"]))
+        assert torch.equal(x.index, y.index) and all(torch.equal(u, v) for u, v in zip(x.views, y.views))
     dl.close()
     pl.close()
 
@@ -375,8 +375,8 @@ def test_dali_and_pyav_decode_the_same_frames_vp9(tmp_path):
         assert ld.stats["decoder"] == dec
         ld.close()
     for x, y in zip(out["pyav"], out["dali"]):
-        assert torch.equal(x["index"], y["index"])
-        for u, v in zip(x["views"], y["views"]):
+        assert torch.equal(x.index, y.index)
+        for u, v in zip(x.views, y.views):
             assert (u - v).abs().mean() < 0.05  # normalized units (1/255 in [0, 1] is ~0.017)
 
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import env1, trained_vs_random
+from train_helpers import call, env1, make_method, trained_vs_random
+from train.methods import build_config
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,40 +89,51 @@ def test_video_backbone_export_roundtrip(tmp_path):
 
 def test_config_video_keys():
     from train import config
-    from train.methods import method_defaults
-    cfg = config.build({"method": "cvrl", "frames": 16, "stride": 4}, method_defaults("cvrl"))
+    cfg = build_config({"method": "cvrl", "frames": 16, "stride": 4})
     assert cfg.model.arch == "r3d18" and cfg.data.frames == 16 and cfg.data.stride == 4  # cvrl's default arch
     assert cfg.method.temperature == pytest.approx(0.1) and cfg.data.decoder == "pyav"
     for bad, msg in (({"frames": 0}, "'frames'"), ({"stride": 0}, "'stride'"), ({"frames": 1.5}, "'frames'.*not an int"),
                      ({"arch": "c3d"}, "'arch'.*r2plus1d18"), ({"decoder": "cv2"}, "'decoder'.*choose from")):
         with pytest.raises(config.ConfigError, match=msg):
-            config.build(bad)
+            build_config({"method": "cvrl", **bad})
 
 
-def test_trainer_picks_clips_and_checks_the_arch(vdata, tmp_path):
+def test_config_picks_clips_and_checks_the_arch_and_keys(vdata, tmp_path):
+    """The data's kind (DATA/train's manifest) or the method decides images vs clips at parse time: the
+    arch must match, and a key of the other modality set explicitly fails naming it."""
     from train import config
-    from train.methods import get_method, method_defaults
-    from train.trainer import uses_clips
-    cfg = config.build({"method": "simclr", "data": str(vdata), "arch": "r2plus1d18"}, method_defaults("simclr"))
-    assert uses_clips(cfg, get_method("simclr"))  # manifest kind "video": any method gets clips
-    cfg = config.build({"method": "cvrl", "data": str(vdata), "arch": "resnet18"}, method_defaults("cvrl"))
+    from train.data import build_data
+    from train.methods import get_method
+    cfg = build_config({"method": "simclr", "data": str(vdata), "arch": "r2plus1d18", "batch_size": 8, "frames": 4,
+                        "image_size": 24})
+    data = build_data(cfg, get_method("simclr"))  # manifest kind "video": any method gets clips
+    assert data.clips and data.recipe.frames == cfg.data.frames
+    data.close()
     with pytest.raises(config.ConfigError, match="'arch'.*video data"):
-        uses_clips(cfg, get_method("cvrl"))
+        build_config({"method": "cvrl", "data": str(vdata), "arch": "resnet18"})
+    for key, value in (("format", "ffcv"), ("cifar_stem", True)):  # image-only keys on video data
+        with pytest.raises(config.ConfigError, match=f"'{key}' does not apply to video data"):
+            build_config({"method": "simclr", "data": str(vdata), "arch": "r3d18", key: value})
+    with pytest.raises(config.ConfigError, match="'format' does not apply to video data"):
+        build_config({"method": "cvrl", "format": "ffcv"})  # cvrl trains on clips, data or not
     img = tmp_path / "img" / "train"
     img.mkdir(parents=True)
     (img / "manifest.json").write_text(json.dumps({"format_version": 1, "num_samples": 1, "shards": []}))
-    cfg = config.build({"method": "cvrl", "data": str(tmp_path / "img")}, method_defaults("cvrl"))
     with pytest.raises(config.ConfigError, match="trains on clips"):
-        uses_clips(cfg, get_method("cvrl"))
+        build_config({"method": "cvrl", "data": str(tmp_path / "img")})
+    for key, value in (("decoder", "dali"), ("frames", 4), ("stride", 3)):  # video-only keys on images
+        with pytest.raises(config.ConfigError, match=f"'{key}' does not apply to image data"):
+            build_config({"method": "simclr", "data": str(tmp_path / "img"), key: value})
 
 
 @pytest.mark.parametrize("recipe, lo", [("cvrl", 0.5), ("mocov2", 0.3), ("mocov2", 0.0), ("cvrl", 0.0)])
 def test_clip_recipe_takes_crop_min_scale(recipe, lo):
-    from train import config
-    from train.methods import method_defaults
-    from train.trainer import clip_recipe  # get_clip_recipe at the run's options
-    cfg = config.build({"method": "cvrl", "recipe": recipe, "crop_min_scale": lo, "frames": 4, "stride": 2,
-                        "image_size": 32}, method_defaults("cvrl"))
+    from pipeline.loaders.clips import get_clip_recipe
+    cfg = build_config({"method": "cvrl", "recipe": recipe, "crop_min_scale": lo, "frames": 4, "stride": 2,
+                        "image_size": 32})
+
+    def clip_recipe(d, name):  # as train/data.py builds it from the run's options
+        return get_clip_recipe(name, d.image_size, d.frames, d.stride, d.blur, d.crop_min_scale)
     clip = clip_recipe(cfg.data, recipe)
     assert clip.frames == 4 and clip.stride == 2
     scales = [v.crop.scale for v in clip.spatial.views]
@@ -134,27 +146,24 @@ def test_clip_recipe_takes_crop_min_scale(recipe, lo):
 def test_cvrl_loss_falls_on_a_clip_batch(vdata):
     """A few SGD steps on one real batch of cvrl clips: the loss falls."""
     from pipeline import build_clip_loader
-    from train import config
-    from train.methods import get_method, method_defaults
-    cfg = config.build({"method": "cvrl", "arch": "r3d18", "width": 8, "proj_hidden": 64, "proj_dim": 32},
-                       method_defaults("cvrl"))
+    cfg = build_config({"method": "cvrl", "arch": "r3d18", "width": 8, "proj_hidden": 64, "proj_dim": 32})
     ld = build_clip_loader(vdata, "train", "cvrl", batch_size=12, frames=4, stride=3, image_size=24, seed=0)
     batch = next(iter(ld))
     ld.close()
-    assert [tuple(v.shape) for v in batch["views"]] == [(12, 3, 4, 24, 24)] * 2
+    assert [tuple(v.shape) for v in batch.views] == [(12, 3, 4, 24, 24)] * 2
     torch.manual_seed(0)
-    m = get_method("cvrl")(cfg, 24, 20, [3, 3])
+    m = make_method(cfg, 24, 20, [3, 3], clips=True)
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for s in range(8):
-        loss, _ = m(batch["views"], batch["index"], s)
+        loss = call(m, batch.views, batch.index, s)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-2:]) / 2 < 0.8 * losses[0], losses
     with pytest.raises(ValueError, match="clips"):
-        m([torch.randn(4, 3, 24, 24)] * 2, torch.arange(4), 0)
+        call(m, [torch.randn(4, 3, 24, 24)] * 2, torch.arange(4), 0)
 
 
 def pretrain(args, out, launcher=(), timeout=300):

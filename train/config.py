@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from train.models.registry import known_backbones
+from train.models.video import VIDEO_ARCHS
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "r3d18", "r2plus1d18")
-VIDEO_ARCHS = ("r3d18", "r2plus1d18")
+ARCHS = known_backbones()  # the backbone registry names the archs
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,8 @@ class RunConfig:
         "stop", "non-finite loss: 'stop' (names the step and the last checkpoint) or 'skip' the step")
     max_nan_skips: int = opt(10, "with --nan-policy skip, stop after this many skipped steps")
     progress: bool = opt(True, "show a progress bar on the main process")
+    online_probe: bool = opt(True, "train a linear classifier on the detached features as the run goes and "
+                                   "report its accuracy each epoch beside the kNN monitor (needs labels)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -81,8 +84,9 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    arch: str = opt("resnet18", "backbone: resnet18, resnet34, resnet50; video: r3d18, r2plus1d18 (torchvision "
-                                "parameter names)")
+    arch: str = opt("resnet18", "backbone: resnet18, resnet34, resnet50 (torchvision parameter names), vit_tiny, "
+                                "vit_small (timm's); video: r3d18, r2plus1d18")
+    patch_size: int = opt(0, "ViT patch size (0: 16; 4 or 8 for CIFAR-size images)")
     width: int = opt(64, "width of the first stage (64: standard; CMC halves it per view)")
     cifar_stem: bool = opt(False, "3x3 stride-1 stem without max-pool, for small images")
     sync_bn: bool = opt(False, "batch norm statistics over the global batch (all processes)")
@@ -101,21 +105,48 @@ class OptimConfig:
     warmup_epochs: float = opt(-1.0, "linear warm-up length in epochs (negative: the method's default)")
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak (cosine decay)")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this (0: no clipping)")
+    probe_lr: float = opt(1e-3, "learning rate of the online linear probe (AdamW, constant)")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True)
 class MethodConfig:
-    temperature: float = opt(0.0, "contrastive temperature (0: the method's default)")
-    temperature_final: float = opt(0.0, "cosine-anneal the temperature to this (0: constant)")
-    ema: float = opt(0.0, "momentum-encoder / target EMA at step 0 (0: the method's default)")
-    ema_final: float = opt(0.0, "EMA at the last step, cosine schedule (0: same as --ema)")
-    queue_size: int = opt(0, "MoCo queue length (0: the method's default); any size: writes wrap round the ring")
-    nce_k: int = opt(0, "negatives drawn from the memory bank per sample (0: the method's default)")
-    nce_mode: Literal["softmax", "nce"] = opt("softmax", "memory-bank loss: softmax (InfoNCE) or CMC's NCE")
-    bank_momentum: float = opt(0.5, "memory-bank update momentum")
-    cmc_negatives: Literal["bank", "batch"] = opt("bank", "CMC negatives: memory bank or in-batch")
-    cmc_objective: Literal["core", "full"] = opt(
-        "full", "CMC with > 2 views: 'core' (view 0 against each other) or 'full' (all pairs)")
+    """Base of each method's own typed keys (declared as a dataclass in the method's file, `Method.Config`).
+
+    A field's metadata may carry `check=(predicate, "what is allowed")`; every such check runs when the
+    config is built, so a value out of range fails naming the key. The base itself has no keys."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is not None and not check[0](getattr(self, f.name)):
+                raise ConfigError(f"invalid value for {f.name!r}: {getattr(self, f.name)!r}; must be {check[1]}")
+
+
+# Keys several methods share, with one help text and one range each (the default is the method's).
+def temperature_key(default: float) -> Any:
+    return opt(default, "contrastive temperature", check=(lambda v: 0 < v <= 100, "in (0, 100]"))
+
+
+def temperature_final_key() -> Any:
+    return opt(0.0, "cosine-anneal the temperature to this (0: constant)",
+               check=(lambda v: 0 <= v <= 100, "in (0, 100] (0: constant)"))
+
+
+def ema_key(default: float) -> Any:
+    return opt(default, "momentum-encoder / target EMA at step 0", check=(lambda v: 0 < v < 1, "in (0, 1)"))
+
+
+def ema_final_key(default: float = 0.0) -> Any:
+    return opt(default, "EMA at the last step, cosine schedule (0: same as --ema)",
+               check=(lambda v: 0 <= v <= 1, "in [0, 1] (0: same as --ema)"))
+
+
+def positive_int_key(default: int, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    return opt(default, help, check=(lambda v: v >= 1, ">= 1"))
+
+
+def fraction_key(default: float, help: str) -> Any:  # noqa: A002
+    return opt(default, help, check=(lambda v: 0 <= v < 1, "in [0, 1)"))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -125,9 +156,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    """The chosen method's own keys: an instance of its `Method.Config` (train/methods/<name>.py)."""
 
     def __post_init__(self):
-        r, d, m, o, me = self.run, self.data, self.model, self.optim, self.method
+        r, d, m, o = self.run, self.data, self.model, self.optim
         checks = [
             (r.epochs >= 1, "epochs", "must be >= 1"),
             (r.max_steps >= 0, "max_steps", "must be >= 0"),
@@ -144,6 +176,10 @@ class Config:
             (d.knn_holdout >= 2, "knn_holdout", "must be >= 2"),
             (m.width >= 4, "width", "must be >= 4"),
             (m.arch in ARCHS, "arch", f"choose from {', '.join(ARCHS)}"),
+            (m.patch_size >= 0 and (m.patch_size == 0 or m.arch.startswith("vit")), "patch_size",
+             "must be >= 0 and is for ViT archs only"),
+            (not (m.cifar_stem and m.arch.startswith("vit")), "cifar_stem",
+             "is for ResNets; a ViT on small images takes --patch-size 4 or 8"),
             (d.frames >= 1, "frames", "must be >= 1"),
             (d.stride >= 1, "stride", "must be >= 1"),
             (m.proj_dim >= 2 and m.proj_hidden >= 2 and m.pred_hidden >= 2, "proj_dim",
@@ -154,11 +190,7 @@ class Config:
             (0 <= o.sgd_momentum < 1, "sgd_momentum", "must be in [0, 1)"),
             (0 <= o.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]"),
             (o.grad_clip >= 0, "grad_clip", "must be >= 0"),
-            (0 <= me.temperature <= 100 and 0 <= me.temperature_final <= 100, "temperature",
-             "must be in (0, 100] (0: the method's default)"),
-            (0 <= me.ema < 1 and 0 <= me.ema_final <= 1, "ema", "must be in [0, 1)"),
-            (me.queue_size >= 0 and me.nce_k >= 0, "queue_size", "must be >= 0"),
-            (0 <= me.bank_momentum < 1, "bank_momentum", "must be in [0, 1)"),
+            (0 < o.probe_lr <= 10, "probe_lr", "must be in (0, 10]"),
         ]
         for ok, key, msg in checks:
             if not ok:
@@ -171,21 +203,22 @@ class Config:
 SECTIONS = ("run", "data", "model", "optim", "method")
 
 
-def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
-    """Flat key -> (section, field) for every leaf field."""
-    out = {}
+def _section_classes(method_config: type | None) -> dict[str, type]:
     hints = typing.get_type_hints(Config)
-    for sec in SECTIONS:
-        cls = hints[sec]
+    return {sec: (method_config or MethodConfig) if sec == "method" else hints[sec] for sec in SECTIONS}
+
+
+def _fields(method_config: type | None = None) -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Flat key -> (section, field, type) for every leaf field; the `method` section is the chosen
+    method's own Config class (none: no method keys)."""
+    out = {}
+    for sec, cls in _section_classes(method_config).items():
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            assert f.name not in out, f"duplicate config key {f.name}"
-            out[f.name] = (sec, f)
+            if f.name in out:
+                raise TypeError(f"config key {f.name!r} of {cls.__name__} is also a {out[f.name][0]} key")
+            out[f.name] = (sec, f, hints[f.name])
     return out
-
-
-def _hint(section: str, name: str):
-    cls = typing.get_type_hints(Config)[section]
-    return typing.get_type_hints(cls)[name]
 
 
 def _coerce(key: str, hint, value):
@@ -258,46 +291,63 @@ def load_file(path: str | Path) -> dict:
     return _flatten_file(data, str(path))
 
 
-def build(values: dict, defaults: dict | None = None, reads: frozenset | None = None) -> Config:
-    """A Config from flat key/value pairs over optional flat `defaults`. Unknown keys fail. With `reads`
-    (the `method` section keys the chosen method uses): a `method` key in `values` the method does not
-    use fails, and so does a placeholder (lr 0, negative weight decay or warm-up, temperature / EMA /
-    queue / negatives 0) left unresolved after the method's defaults merge."""
-    fields = _fields()
-    if reads is not None:
-        method = values.get("method", RunConfig().method)
-        stray = sorted(k for k in values if k in fields and fields[k][0] == "method" and k not in reads)
-        if stray:
-            raise ConfigError(f"{', '.join(repr(k) for k in stray)} does not apply to method {method!r} (it uses: "
-                              f"{', '.join(sorted(reads)) or 'no method keys'})")
-    sections: dict[str, dict] = {s: {} for s in SECTIONS}
-    merged = dict(defaults or {})
-    merged.update(values)
-    unknown = sorted(k for k in merged if k not in fields)
+# Keys that only mean something for one kind of data: set explicitly for the other kind, they fail.
+MODALITY_KEYS = {"frames": "video", "stride": "video", "decoder": "video", "format": "image",
+                 "cifar_stem": "image"}
+
+
+def build(values: dict, method=None, catalog=()) -> Config:
+    """A Config from flat key/value pairs (config file and flags). `method`: the chosen method's class
+    (train/methods; its `defaults` for common keys go under `values`, its `Config` is the method
+    section); `catalog`: every method class, so that another method's key is named as such. Fails on
+    an unknown key, a key of another method, a key that does not apply to the data's kind (video or
+    images, read from DATA/train's manifest), an out-of-range value, and a placeholder (lr 0, negative
+    weight decay or warm-up) the method's defaults did not resolve."""
+    method_config = getattr(method, "Config", None)
+    fields = _fields(method_config)
+    name = values.get("method", RunConfig().method)
+    if method is not None and getattr(method, "name", name) != name:
+        raise ConfigError(f"method {name!r} was given the config of {method.name!r}")
+    others = {k: c.name for c in catalog for k in _method_keys(c) if k not in fields}
+    stray = sorted(k for k in values if k not in fields and k in others)
+    if stray:
+        uses = ", ".join(sorted(_method_keys(method))) if method is not None else ""
+        raise ConfigError(f"{', '.join(repr(k) for k in stray)} does not apply to method {name!r} (it uses: "
+                          f"{uses or 'no method keys'})")
+    unknown = sorted(k for k in values if k not in fields)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    merged = dict(getattr(method, "defaults", {}))
+    bad_defaults = sorted(k for k in merged if k not in fields or fields[k][0] == "method")
+    if bad_defaults:
+        raise TypeError(f"{name}: defaults {bad_defaults} are not common keys (method keys have their "
+                        "defaults in the method's Config)")
+    merged.update(values)
+    sections: dict[str, dict] = {s: {} for s in SECTIONS}
     for k, v in merged.items():
-        sec, _ = fields[k]
-        sections[sec][k] = _coerce(k, _hint(sec, k), v)
-    hints = typing.get_type_hints(Config)
-    cfg = Config(**{s: hints[s](**sections[s]) for s in SECTIONS})
-    if reads is not None:
-        _check_resolved(cfg, reads)
+        sec, _, hint = fields[k]
+        sections[sec][k] = _coerce(k, hint, v)
+    classes = _section_classes(method_config)
+    cfg = Config(**{s: classes[s](**sections[s]) for s in SECTIONS})
+    if method is not None:
+        _check_resolved(cfg)
+        _check_modality(cfg, values, bool(getattr(method, "clips", False)))
     return cfg
 
 
-def _check_resolved(cfg: Config, reads: frozenset) -> None:
-    """Every placeholder default the method relies on must have been replaced by its defaults, the
-    config file or the command line."""
-    o, me, name = cfg.optim, cfg.method, cfg.run.method
+def _method_keys(method) -> list[str]:
+    cls = getattr(method, "Config", None)
+    return [f.name for f in dataclasses.fields(cls)] if cls is not None else []
+
+
+def _check_resolved(cfg: Config) -> None:
+    """Every placeholder default of a common key must have been replaced by the method's defaults, the
+    config file or the command line (the method's own keys have real defaults in its Config)."""
+    o, name = cfg.optim, cfg.run.method
     unresolved = [
         (o.lr > 0, "lr", "--lr (> 0, the peak rate for a global batch of 256)"),
         (o.weight_decay >= 0, "weight_decay", "--weight-decay (in [0, 1))"),
         (o.warmup_epochs >= 0, "warmup_epochs", "--warmup-epochs (>= 0)"),
-        ("temperature" not in reads or me.temperature > 0, "temperature", "--temperature (in (0, 100])"),
-        ("ema" not in reads or 0 < me.ema < 1, "ema", "--ema (in (0, 1))"),
-        ("queue_size" not in reads or me.queue_size >= 1, "queue_size", "--queue-size (>= 1)"),
-        ("nce_k" not in reads or me.nce_k >= 1, "nce_k", "--nce-k (>= 1)"),
     ]
     for ok, key, what in unresolved:
         if not ok:
@@ -305,37 +355,75 @@ def _check_resolved(cfg: Config, reads: frozenset) -> None:
                               f"pass {what}")
 
 
-def from_dict(d: dict) -> Config:
-    """Inverse of Config.to_dict (nested), used to reload RUN_DIR/config.json."""
+def data_kind(data: str) -> str | None:
+    """'video' or 'image' from DATA/train's manifest; None when there is no readable manifest (the
+    loader then reports it)."""
+    if not data:
+        return None
+    from pipeline.format.layout import manifest_kind
+    try:
+        kind = manifest_kind(Path(data) / "train")
+    except (OSError, ValueError):
+        return None
+    return "video" if kind == "video" else "image"
+
+
+def _check_modality(cfg: Config, values: dict, clips: bool) -> None:
+    """A video method, or video data, trains on clips: image-only keys set explicitly fail, and the
+    reverse; the backbone must match the data."""
+    d, arch, name = cfg.data, cfg.model.arch, cfg.run.method
+    kind = data_kind(d.data)
+    if clips and kind == "image":
+        raise ConfigError(f"method {name!r} trains on clips but {d.data}/train holds images; convert videos with "
+                          "tools/convert_video.py")
+    kind = "video" if clips else kind
+    if kind is None:
+        return
+    wrong = sorted(k for k in values if MODALITY_KEYS.get(k, kind) != kind)
+    if wrong:
+        raise ConfigError(f"{', '.join(repr(k) for k in wrong)} does not apply to {kind} data"
+                          + (f" ({d.data}/train)" if d.data else f" (method {name!r} trains on clips)"))
+    if kind == "video" and arch not in VIDEO_ARCHS:
+        raise ConfigError(f"invalid value for 'arch': {arch!r} on video data; choose from {', '.join(VIDEO_ARCHS)}")
+    if kind == "image" and arch in VIDEO_ARCHS:
+        raise ConfigError(f"invalid value for 'arch': {arch!r} is a video backbone but {d.data}/train holds images")
+
+
+def from_dict(d: dict, method=None, catalog=()) -> Config:
+    """Inverse of Config.to_dict (nested), used to reload RUN_DIR/config.json (`method`: its class)."""
     flat = {}
     for sec in SECTIONS:
         flat.update(d.get(sec, {}))
-    return build(flat)
+    return build(flat, method, catalog)
 
 
-def make_parser(description: str = "", method: str | None = None, defaults: dict | None = None,
-                reads: frozenset | None = None) -> argparse.ArgumentParser:
-    """The CLI. For a chosen `method`: its defaults are the ones shown, and `--help` lists the common keys
-    and the method keys it `reads` only (the others stay accepted, so that build() names them)."""
+def make_parser(description: str = "", method=None, catalog=()) -> argparse.ArgumentParser:
+    """The CLI of a chosen `method` class: the common keys, with the method's defaults shown, and the
+    method's own keys. Other methods' keys stay accepted (hidden), so that build() names them."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML/JSON file with the same keys as these flags")
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, (sec, f) in _fields().items():
-        hint = _hint(sec, name)
+    fields = _fields(getattr(method, "Config", None))
+    defaults = getattr(method, "defaults", {})
+    mname = getattr(method, "name", None)
+    hidden = {}
+    for c in catalog:
+        for name, (sec, f, hint) in _fields(c.Config).items():
+            if sec == "method" and name not in fields:
+                hidden.setdefault(name, (sec, f, hint))
+    for name, (sec, f, hint) in [*fields.items(), *hidden.items()]:
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if defaults and name in defaults:
-            default = f"{defaults[name]} ({method}'s)"
-        helptext = f"{f.metadata.get('help', '')} (default: {default})"
-        if sec == "method" and reads is not None and name not in reads:
-            helptext = argparse.SUPPRESS
-        title = f"method ({method})" if sec == "method" and method else sec
+        if name in defaults:
+            default = f"{defaults[name]} ({mname}'s)"
+        helptext = argparse.SUPPRESS if name in hidden else f"{f.metadata.get('help', '')} (default: {default})"
+        title = f"method ({mname})" if sec == "method" and mname else sec
         group = groups.get(sec) or groups.setdefault(sec, p.add_argument_group(title))
         if hint is bool:
             group.add_argument(flag, dest=name, default=argparse.SUPPRESS, nargs="?", const=True,
                                metavar="BOOL", help=helptext)
-        elif typing.get_origin(hint) is Literal:
+        elif typing.get_origin(hint) is Literal and name not in hidden:
             group.add_argument(flag, dest=name, default=argparse.SUPPRESS,
                                choices=list(typing.get_args(hint)), help=helptext)
         else:
@@ -343,23 +431,23 @@ def make_parser(description: str = "", method: str | None = None, defaults: dict
     return p
 
 
-def parse(argv: list[str] | None = None, method_defaults=None, description: str = "",
-          method_reads=None) -> Config:
-    """CLI + optional --config file -> Config. `method_defaults(method_name) -> dict` supplies the
-    chosen method's defaults, applied under the config file and the flags; `method_reads(method_name)`
-    the `method` keys it uses (see build)."""
+def parse(argv: list[str] | None = None, lookup=None, catalog=(), description: str = "") -> Config:
+    """CLI + optional --config file -> Config. `lookup(name)` returns the method class (and fails
+    listing the known ones); `catalog` lists every method class (see build)."""
     # The method first (flag over file), so that --help can show that method's keys and defaults.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default=None)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     file_values = load_file(known.config) if known.config else {}
-    method = str(known.method or file_values.get("method", RunConfig().method))
-    defaults = method_defaults(method) if method_defaults else {}
-    reads = method_reads(method) if method_reads else None
-    args = vars(make_parser(description, method, defaults, reads).parse_args(argv))
+    name = str(known.method or file_values.get("method", RunConfig().method))
+    try:
+        method = lookup(name) if lookup else None
+    except KeyError as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+    args = vars(make_parser(description, method, catalog).parse_args(argv))
     args.pop("config")
     values = dict(file_values)
     values.update(args)
     # Flags arrive as strings; file values are typed; _coerce handles both.
-    return build(values, defaults, reads)
+    return build(values, method, catalog)

@@ -92,3 +92,12 @@ def all_reduce_flag(flag: bool, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (no gradient); a copy with one process."""
+    x = x.clone()
+    if world()[1] > 1:
+        dist.all_reduce(x)
+    return x

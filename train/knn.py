@@ -14,24 +14,30 @@ from .distributed import all_gather_varlen
 
 
 @torch.no_grad()
-def extract(backbone: nn.Module, loader, device, autocast=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features L2-normalised float32, labels, global indices) over the whole split (all ranks)."""
+def extract(backbone: nn.Module, loader, device, autocast=None, normalize: bool = True,
+            gather: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float32 features, L2-normalised unless `normalize=False`; labels; global indices) over the
+    split: with `gather`, every rank's shard gathered and sorted by index (the same on every rank);
+    without, this rank's shard only. The backbone runs in eval mode, on views of its own dtype."""
     was = backbone.training
     backbone.eval()
+    dtype = next(backbone.parameters()).dtype
     feats, labels, idx = [], [], []
     for batch in loader:
-        views = [v.to(device, non_blocking=True) for v in batch["views"]]
+        views = [v.to(device, dtype=dtype, non_blocking=True) for v in batch.views]
         x = views if hasattr(backbone, "encoders") else views[0]
         if autocast is not None:
             with autocast():
                 f = backbone(x)
         else:
             f = backbone(x)
-        feats.append(F.normalize(f.float(), dim=1))
-        labels.append(batch["label"].to(device))
-        idx.append(batch["index"].to(device))
+        feats.append(F.normalize(f.float(), dim=1) if normalize else f.float())
+        labels.append(batch.label.to(device))
+        idx.append(batch.index.to(device))
     backbone.train(was)
     f, y, i = torch.cat(feats), torch.cat(labels), torch.cat(idx)
+    if not gather:
+        return f, y, i
     f, y, i = all_gather_varlen(f), all_gather_varlen(y), all_gather_varlen(i)
     order = torch.argsort(i)
     return f[order], y[order], i[order]

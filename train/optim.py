@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .config import Config
 
@@ -52,20 +51,10 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-g["lr"])
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay (and LARS adaptation) on weights of rank >= 2 only; biases and norms excluded."""
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
-
-
-def build_optimizer(cfg: Config, model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, groups: list[dict], peak_lr: float) -> torch.optim.Optimizer:
+    """The main optimizer over a method's param_groups (each with weight_decay and lars_exclude)."""
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = [dict(g) for g in groups]
     if o.optimizer == "sgd":
         for g in groups:
             g.pop("lars_exclude")

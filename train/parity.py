@@ -14,6 +14,7 @@ pointer, memory banks, BN statistics) to --dump. tests/test_train.py::test_ddp_p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -37,40 +38,41 @@ def main(argv=None):
 
     from pipeline import build_loader
     from pipeline.views.recipes import get_recipe
-    from train import config
-    from train.methods import get_method, method_defaults
+    from pipeline.loaders.batch import Batch
+    from train.methods import build_config, get_method
+    from train.methods.base import DataInfo
     from train.trainer import _accelerator
 
-    cfg = config.build({"method": a.method, "data": a.data, "arch": "resnet18", "width": 8, "cifar_stem": True,
+    cls = get_method(a.method)
+    own = {f.name for f in dataclasses.fields(cls.Config)}
+    sized = {k: v for k, v in {"queue_size": 64, "nce_k": 64}.items() if k in own}
+    cfg = build_config({"method": a.method, "data": a.data, "arch": "resnet18", "width": 8, "cifar_stem": True,
                         "sync_bn": True, "proj_hidden": 64, "proj_dim": 32, "batch_size": a.global_batch,
-                        "image_size": a.image_size, "out": str(Path(a.dump).parent / "parity_run"),
-                        "queue_size": 64, "nce_k": 64},
-                       method_defaults(a.method))
+                        "image_size": a.image_size, "out": str(Path(a.dump).parent / "parity_run"), **sized})
     torch.use_deterministic_algorithms(True)
     acc = _accelerator(cfg)
     rank, ws = acc.process_index, acc.num_processes
     if a.global_batch % ws:
         raise ValueError(f"global batch {a.global_batch} must divide by {ws} processes")
-    cls = get_method(a.method)
     spec = get_recipe(cls.recipe, a.image_size)
     loader = build_loader(a.data, "train", spec, "dali", batch_size=a.global_batch, image_size=a.image_size,
                           seed=0)
     batch = next(iter(loader))
     loader.close()
     n = a.global_batch // ws
-    views = [v[rank * n:(rank + 1) * n].to(acc.device) for v in batch["views"]]
-    index = batch["index"][rank * n:(rank + 1) * n].to(acc.device)
     dtype = getattr(torch, a.dtype)
-    views = [v.to(dtype) for v in views]
+    local = Batch(views=[v[rank * n:(rank + 1) * n] for v in batch.views], index=batch.index[rank * n:(rank + 1) * n],
+                  label=batch.label[rank * n:(rank + 1) * n]).to(acc.device, dtype)
     torch.manual_seed(0)
-    method = cls(cfg, 1000, 10, [v.num_channels for v in spec.views]).to(dtype)
+    method = cls(cfg, DataInfo(1000, tuple(v.num_channels for v in spec.views)), 10).to(dtype)
     model = acc.prepare(method)
-    loss, _ = model(views, index, 0)
+    loss, _ = model(local, 0)
     acc.backward(loss)
     inner = acc.unwrap_model(model)
     inner.after_step(0)
-    # The mean of the ranks' losses: SimCLR evaluates the global loss on every rank, MoCo the loss of
-    # its local slice (DDP's gradient averaging makes the update that of the global mean).
+    inner.run_deferred()
+    # The mean of the ranks' losses: SimCLR and MoCo each evaluate the loss of their local anchors
+    # (queries) against gathered or queued keys: DDP's gradient averaging makes the update that of the global mean.
     loss = acc.reduce(loss.detach().clone(), "mean")
     if acc.is_main_process:
         grads = {k: p.grad.detach().clone() for k, p in inner.named_parameters() if p.grad is not None}

@@ -18,13 +18,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch train/pretrain.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.config import parse  # noqa: E402
-from train.methods import method_defaults, method_reads  # noqa: E402
+from train.methods import parse_config  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse(argv, method_defaults, description=__doc__, method_reads=method_reads)
+    cfg = parse_config(argv, description=__doc__)
     trainer = Trainer(cfg)
     try:
         history = trainer.train()

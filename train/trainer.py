@@ -1,11 +1,14 @@
-"""The training loop: build (accelerator, data, method, optimizer, schedules) -> train -> close.
+"""The training loop: build (accelerator, data, method, optimizers, schedules) -> train -> close.
 
-One step: next batch -> forward (autocast) -> finite check on all ranks -> backward -> clip -> LR from
-the per-step array -> optimizer step -> method.after_step (EMA / bank / queue) -> log -> checkpoint.
-All randomness the loop consumes flows from checkpointed state: the pipeline's augmentations are a
-pure function of (seed, epoch, index, view) and its position is in loader.state_dict(); torch /
-numpy / python RNG states (negatives sampling) are saved per rank. On CPU, with deterministic
-algorithms, a resumed run ends bit-identical to an uninterrupted one.
+The trainer is a thin builder: the data (loader, recipe, DataInfo; images or clips) comes from
+train/data.py, the method from its registry, its optimizers from the method (param_groups,
+extra_optimizers). Epoch start: method.on_epoch_start with a feature pass. One step: next Batch ->
+trimmed to the smallest rank's -> forward (autocast) -> finite check on all ranks -> backward -> clip
+-> LR from the per-step arrays -> optimizer steps -> method.after_step (EMA) -> the method's deferred
+writes (banks, queues) -> log -> checkpoint. All randomness the loop consumes flows from checkpointed
+state: the pipeline's augmentations are a pure function of (seed, epoch, index, view) and its position
+is in loader.state_dict(); torch / numpy / python RNG states (negatives sampling) are saved per rank.
+On CPU, with deterministic algorithms, a resumed run ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,16 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import torch.nn.functional as F
+
+from pipeline.loaders.batch import Batch
+
 from . import checkpoint as ckpt
-from .config import Config, ConfigError
-from .distributed import all_gather_nograd, all_reduce_flag
+from .config import Config
+from .data import build_data
+from .distributed import all_gather_nograd, all_reduce_flag, all_reduce_sum
 from .knn import extract, knn_classify, split_holdout
 from .methods import get_method
+from .methods.base import EpochContext
 from .models import export_backbone
 from .observe import Metrics, progress, write_report, write_run_config
 from .optim import build_optimizer, check_schedule, lr_at, lr_schedule, peak_lr
-from pipeline.loaders.loader import FORMAT_BACKENDS
-from pipeline.views.recipes import run_recipe
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -39,6 +46,8 @@ class State:
     step: int = 0
     nan_skips: int = 0
     history: dict = field(default_factory=dict)
+    probe: list = field(default_factory=lambda: [0, 0])
+    """Online probe: correct and counted training samples of this rank in the current epoch."""
 
 
 def _accelerator(cfg: Config):
@@ -65,6 +74,8 @@ def _accelerator(cfg: Config):
 
 
 class Trainer:
+    """build (accelerator, data, method, optimizers, schedules) -> train() -> close()."""
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.acc = _accelerator(cfg)
@@ -74,49 +85,34 @@ class Trainer:
         self._prepare_run_dir()
         if cfg.run.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
-        from pipeline import build_loader
-        d = cfg.data
-        if not d.data:
-            raise ConfigError("--data is required (the converter's --out, holding train/)")
         method_cls = get_method(cfg.run.method)
-        recipe = d.recipe or method_cls.recipe
-        self.video = uses_clips(cfg, method_cls)
-        try:
-            spec = (clip_recipe(d, recipe) if self.video else
-                    run_recipe(recipe, d.image_size, blur=d.blur, crop_min_scale=d.crop_min_scale))
-        except ValueError as e:  # a recipe option the recipe cannot take (--crop-min-scale above its range)
-            raise ConfigError(str(e)) from None
-        if self.video:  # clips (B x C x T x H x W) from a video split: pipeline/loaders/clips.py
-            from pipeline.loaders.clips import build_clip_loader
-            self.loader = build_clip_loader(d.data, "train", spec, batch_size=d.batch_size, frames=d.frames,
-                                            stride=d.stride, image_size=d.image_size, rank=self.rank,
-                                            world_size=self.world, seed=cfg.run.seed, device=self.device.type,
-                                            decoder=d.decoder, blur=d.blur)
-            spec = self.loader.recipe
-        else:
-            self.loader = build_loader(d.data, "train", spec, FORMAT_BACKENDS[d.format], batch_size=d.batch_size,
-                                       image_size=d.image_size, rank=self.rank, world_size=self.world,
-                                       seed=cfg.run.seed, device=self.device.type)
+        self.data = build_data(cfg, method_cls, self.rank, self.world, self.device.type)
+        self.loader = self.data.loader
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{d.data}/train has fewer samples than one global batch "
-                             f"({d.batch_size} x {self.world})")
+            raise ValueError(f"{cfg.data.data}/train has fewer samples than one global batch "
+                             f"({cfg.data.batch_size} x {self.world})")
         self.total_steps = cfg.run.epochs * self.steps_per_epoch
-        n_data = self.loader.sampler.num_samples
         # Same seed on every rank: identical initial weights, banks and queues.
         torch.manual_seed(cfg.run.seed)
-        self.method = method_cls(cfg, n_data, self.total_steps, [v.num_channels for v in spec.views])
+        self.method = method_cls(cfg, self.data.info, self.total_steps)
+        if cfg.run.online_probe and self.data.info.num_classes >= 2:
+            self.method.attach_probe(self.data.info.num_classes)
         self.dtype = torch.float64 if cfg.run.mixed_precision == "fp64" else None
         if self.dtype is not None:
             self.method.to(self.dtype)
         self.lr = lr_schedule(cfg, self.steps_per_epoch, self.world)
         check_schedule(self.lr, self.total_steps, "lr")
-        opt = build_optimizer(cfg, self.method, peak_lr(cfg, self.world))
-        self.model, self.opt = self.acc.prepare(self.method, opt)
+        opt = build_optimizer(cfg, self.method.param_groups(cfg.optim.weight_decay), peak_lr(cfg, self.world))
+        self.extras = self.method.extra_optimizers()
+        for e in self.extras:
+            check_schedule(e.lr, self.total_steps, f"{e.name} lr")
+        self.model, self.opt, *extra_opts = self.acc.prepare(self.method, opt, *[e.make(e.params) for e in self.extras])
+        self.extra_opts = dict(zip([e.name for e in self.extras], extra_opts))
+        self.main_params = self.method.main_parameters()
         # Per-rank streams from here on (memory-bank negatives differ between ranks).
         torch.manual_seed(cfg.run.seed * 1000 + self.rank + 1)
         np.random.seed((cfg.run.seed * 1000 + self.rank + 1) % 2**32)
-        self.eval_recipe = method_cls.eval_recipe(recipe, d.eval_image_size or d.image_size)
         self.state = State()
         self.metrics = Metrics(self.run_dir, self.acc.is_main_process)
         if cfg.run.resume:
@@ -126,7 +122,8 @@ class Trainer:
                 "device": str(self.device), "device_name": torch.cuda.get_device_name() if
                 torch.cuda.is_available() else "cpu", "world_size": self.world,
                 "mixed_precision": self.acc.mixed_precision, "steps_per_epoch": self.steps_per_epoch,
-                "total_steps": self.total_steps, "num_samples": n_data, "recipe": recipe})
+                "total_steps": self.total_steps, "num_samples": self.data.info.num_samples,
+                "recipe": self.data.recipe_name})
         self.acc.init_trackers("pretrain", config={k: v for k, v in _flat(cfg.to_dict()).items()
                                                    if isinstance(v, (int, float, str, bool))})
 
@@ -155,9 +152,16 @@ class Trainer:
                              "the same epochs, batch size and data")
         self.acc.unwrap_model(self.model).load_state_dict(state["model"], strict=True)
         self.opt.load_state_dict(state["optimizer"])
+        saved = state.get("extra_optimizers", {})
+        if saved.keys() != self.extra_opts.keys():
+            raise ValueError(f"{path} holds optimizers {sorted(saved)}, this run has {sorted(self.extra_opts)}; "
+                             "resume with the same method and --online-probe setting")
+        for name, o in self.extra_opts.items():
+            o.load_state_dict(saved[name])
         if self.acc.scaler is not None and state.get("scaler") is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
-        self.state = State(step=state["step"], nan_skips=state["nan_skips"], history=state["history"])
+        self.state = State(step=state["step"], nan_skips=state["nan_skips"], history=state["history"],
+                           probe=state.get("probe", [0, 0]))
         self.loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
         self.metrics.truncate_after(self.state.step)
@@ -166,13 +170,27 @@ class Trainer:
 
     def save(self) -> Path:
         st = self.state
-        state = {"model": self.acc.unwrap_model(self.model).state_dict(), "optimizer": self.opt.state_dict(),
+        method = self.acc.unwrap_model(self.model)
+        self._check_state_in_sync(method)
+        state = {"model": method.state_dict(), "optimizer": self.opt.state_dict(),
+                 "extra_optimizers": {k: o.state_dict() for k, o in self.extra_opts.items()},
                  "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-                 "step": st.step, "nan_skips": st.nan_skips, "history": st.history,
+                 "step": st.step, "nan_skips": st.nan_skips, "history": st.history, "probe": list(st.probe),
                  "total_steps": self.total_steps}
         rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
         self._saved_step = st.step
         return ckpt.save_checkpoint(self.run_dir, st.step, state, rank_state, self.cfg.run.keep_ckpts)
+
+    def _check_state_in_sync(self, method) -> None:
+        """Registered state (banks, queues, prototypes) must be identical on every rank: a checkpoint
+        holds rank 0's copy only, so a drift would be silently lost; it fails here instead."""
+        if self.world == 1:
+            return
+        digest = torch.tensor(list(bytes.fromhex(method.state_digest())), dtype=torch.uint8, device=self.device)
+        digests = all_gather_nograd(digest).view(self.world, -1)
+        if not bool((digests == digests[0]).all()):
+            raise RuntimeError(f"step {self.state.step}: the method's registered state "
+                               f"({', '.join(method.state_tensors())}) differs between ranks")
 
     # -- loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -184,6 +202,8 @@ class Trainer:
         global_batch = cfg.data.batch_size * self.world
         while st.step < stop_at and self.loader.epoch < cfg.run.epochs:
             epoch = self.loader.epoch
+            if self.loader.batch == 0:
+                self._epoch_start(epoch, unwrapped)
             it = iter(self.loader)
             t_prev = time.perf_counter()
             while st.step < stop_at:
@@ -217,27 +237,34 @@ class Trainer:
             self.save()
         return st.history
 
-    def _equal_batch(self, batch: dict) -> dict:
+    def _epoch_start(self, epoch: int, method) -> None:
+        """The method's epoch-start hook, with a feature pass over the train split (eval recipe, every
+        rank's shard gathered). Deterministic, so a resume at an epoch's start recomputes the same."""
+        def features(module=None, normalize=True, gather=True):
+            module = module or method.eval_backbone()
+            return extract(module, self.data.eval_loader("train"), self.device, self.acc.autocast,
+                           normalize=normalize, gather=gather)
+        method.on_epoch_start(EpochContext(epoch=epoch, step=self.state.step, features=features,
+                                           device=self.device))
+
+    def _equal_batch(self, batch: Batch) -> Batch:
         """Trim every rank's batch to the smallest one. The loader skips corrupt members, so a rank's
         batch can come out shorter; gathers (SimCLR negatives, global BN, bank updates) need equal
-        shapes on every rank, and a mismatch would fail or hang the collective. Deterministic, so an
-        exact resume still reproduces it."""
+        shapes on every rank, and a mismatch would fail or hang the collective. Every per-sample field
+        of the Batch is trimmed alike. Deterministic, so an exact resume still reproduces it."""
         if self.world == 1:
             return batch
-        n = len(batch["index"])
+        n = len(batch)
         m = int(all_gather_nograd(torch.tensor([n], device=self.device)).min().item())
-        if m == n:
-            return batch
-        return {"views": [v[:m] for v in batch["views"]], "index": batch["index"][:m], "label": batch["label"][:m]}
+        return batch.take(m)
 
-    def _step(self, batch, unwrapped) -> float:
+    def _step(self, batch: Batch, unwrapped) -> float:
         st, cfg = self.state, self.cfg
-        batch = self._equal_batch(batch)
-        views = [v.to(self.device, dtype=self.dtype, non_blocking=True) for v in batch["views"]]
-        index = batch["index"].to(self.device)
+        batch = self._equal_batch(batch).to(self.device, self.dtype)
         with self.acc.autocast():
-            loss, _ = self.model(views, index, st.step)
-        bad = all_reduce_flag(not bool(torch.isfinite(loss.detach()).item()), self.device)
+            total, out = self.model(batch, st.step)
+        loss = out.loss
+        bad = all_reduce_flag(not bool(torch.isfinite(total.detach()).item()), self.device)
         if bad:
             last = ckpt.latest_checkpoint(self.run_dir)
             msg = (f"non-finite loss ({loss.item()}) at step {st.step} (epoch {self.loader.epoch}, batch "
@@ -247,108 +274,82 @@ class Trainer:
                                            f" (after {st.nan_skips} skipped steps)"))
             st.nan_skips += 1
             self.acc.print(f"skipping: {msg} [{st.nan_skips}/{cfg.run.max_nan_skips}]")
-            unwrapped.discard_pending()
-            self.opt.zero_grad(set_to_none=True)
+            unwrapped.discard_deferred()
+            self._zero_grad()
             return float("nan")
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.lr, st.step)
-        self.acc.backward(loss)
-        if cfg.optim.grad_clip:
-            self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        for e in self.extras:
+            for g in self.extra_opts[e.name].param_groups:
+                g["lr"] = lr_at(e.lr, st.step)
+        self.acc.backward(total)
+        if cfg.optim.grad_clip:  # the main optimizer's parameters: the probe's gradient does not count
+            self.acc.clip_grad_norm_(self.main_params, cfg.optim.grad_clip)
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        for o in self.extra_opts.values():
+            o.step()
+        self._zero_grad()
         unwrapped.after_step(st.step)
+        unwrapped.run_deferred()
+        if "probe_correct" in out.logs:
+            st.probe[0] += int(out.logs["probe_correct"])
+            st.probe[1] += int(out.logs["probe_count"])
         return float(self.acc.reduce(loss.detach().to(self.dtype or torch.float32), "mean").item())
+
+    def _zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        for o in self.extra_opts.values():
+            o.zero_grad(set_to_none=True)
 
     def _epoch_end(self, epoch: int):
         cfg, st = self.cfg, self.state
         row = {"kind": "epoch", "step": st.step, "epoch": epoch}
+        if st.probe[1]:  # the probe's accuracy on this rank's training views over the epoch, all ranks
+            c = all_reduce_sum(torch.tensor(st.probe, dtype=torch.float64, device=self.device))
+            row["probe_train_top1"] = 100.0 * float(c[0]) / max(float(c[1]), 1.0)
+        st.probe = [0, 0]
         if cfg.data.knn_every and (epoch + 1) % cfg.data.knn_every == 0:
             row.update(self.knn())
-            self.acc.log({k: v for k, v in row.items() if k.startswith("knn")}, step=st.step)
-        st.history[str(epoch)] = {k: v for k, v in row.items() if k.startswith("knn")}
+        monitors = {k: v for k, v in row.items() if k.startswith(("knn", "probe"))}
+        self.acc.log(monitors, step=st.step)
+        st.history[str(epoch)] = monitors
         self.metrics.log(row)
         self.save()
         if self.acc.is_main_process:
             write_report(self.run_dir)
-        if row.keys() - {"kind", "step", "epoch"}:
-            self.acc.print("epoch %d: " % epoch + ", ".join(f"{k} {v:.2f}" for k, v in row.items()
-                                                            if k.startswith("knn")))
+        if monitors:
+            self.acc.print("epoch %d: " % epoch + ", ".join(f"{k} {v:.2f}" for k, v in monitors.items()))
 
     def knn(self) -> dict:
-        """kNN top-1 on val/ (or a held-out slice of train) with the current eval backbone."""
+        """kNN top-1 on val/ (or a held-out slice of train) with the current eval backbone, and the online
+        probe's top-1 on the same queries (features as the probe trains on them: not normalised)."""
         d = self.cfg.data
-        backbone = self.acc.unwrap_model(self.model).eval_backbone()
-        f, y, i = extract(backbone, self._eval_loader("train"), self.device, self.acc.autocast)
-        if (Path(d.data) / "val").is_dir():
-            qf, qy, _ = extract(backbone, self._eval_loader("val"), self.device, self.acc.autocast)
+        method = self.acc.unwrap_model(self.model)
+        backbone = method.eval_backbone()
+        f, y, i = extract(backbone, self.data.eval_loader("train"), self.device, self.acc.autocast, normalize=False)
+        if self.data.has_split("val"):
+            qf, qy, _ = extract(backbone, self.data.eval_loader("val"), self.device, self.acc.autocast,
+                                normalize=False)
             bf, by = f, y
         else:
             bf, by, qf, qy = split_holdout(f, y, i, d.knn_holdout)
-        return knn_classify(bf, by, qf, qy, tuple(d.knn_k), d.knn_temperature)
-
-    def _eval_loader(self, split: str):
-        from pipeline import build_loader
-        d = self.cfg.data
-        if not hasattr(self, "_eval_loaders"):
-            self._eval_loaders = {}
-        if split not in self._eval_loaders and self.video:
-            from pipeline.loaders.clips import build_clip_loader
-            self._eval_loaders[split] = build_clip_loader(
-                d.data, split, self.eval_recipe, batch_size=d.batch_size, frames=d.frames, stride=d.stride,
-                image_size=d.eval_image_size or d.image_size, rank=self.rank, world_size=self.world,
-                seed=self.cfg.run.seed, device=self.device.type, decoder=d.decoder, mode="eval")
-        if split not in self._eval_loaders:
-            self._eval_loaders[split] = build_loader(
-                d.data, split, self.eval_recipe, FORMAT_BACKENDS[d.format], batch_size=d.batch_size,
-                image_size=d.eval_image_size or d.image_size, rank=self.rank, world_size=self.world,
-                seed=self.cfg.run.seed, device=self.device.type, mode="eval")
-        loader = self._eval_loaders[split]
-        loader.set_epoch(0)
-        return loader
+        out = knn_classify(F.normalize(bf, dim=1), by, F.normalize(qf, dim=1), qy, tuple(d.knn_k), d.knn_temperature)
+        if method.probe is not None:
+            with torch.no_grad():
+                logits = method.probe(qf.to(method.probe.weight.dtype))
+            out["probe_top1"] = 100.0 * float((logits.argmax(1) == qy).float().mean())
+        return out
 
     def close(self):
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            extra = {"recipe": self.cfg.data.recipe or get_method(self.cfg.run.method).recipe,
-                     "image_size": str(self.cfg.data.eval_image_size or self.cfg.data.image_size)}
-            if self.video:
-                extra.update(frames=str(self.cfg.data.frames), stride=str(self.cfg.data.stride))
-            export_backbone(self.acc.unwrap_model(self.model).eval_backbone(), str(self.run_dir / "backbone.safetensors"),
-                            extra=extra)
+            export_backbone(self.acc.unwrap_model(self.model).eval_backbone(),
+                            str(self.run_dir / "backbone.safetensors"), extra=self.data.export_meta())
             if (self.run_dir / "metrics.jsonl").exists():
                 write_report(self.run_dir)
-        for ld in [self.loader, *getattr(self, "_eval_loaders", {}).values()]:
-            ld.close()
+        self.data.close()
         self.acc.wait_for_everyone()
         self.acc.end_training()  # also destroys the process group
-
-
-def uses_clips(cfg: Config, method_cls) -> bool:
-    """True when the run trains on clips: the method needs them (`clips = True`, e.g. cvrl) or the data's
-    manifest says "kind": "video". A video arch on image data (or the reverse) fails here, naming both."""
-    from pipeline.format.layout import manifest_kind
-    from .config import VIDEO_ARCHS
-    d, arch = cfg.data, cfg.model.arch
-    try:
-        kind = manifest_kind(Path(d.data) / "train")
-    except (OSError, ValueError):
-        kind = None  # no readable manifest: the loader reports it
-    video = kind == "video" or bool(getattr(method_cls, "clips", False))
-    if video and kind not in ("video", None):
-        raise ConfigError(f"method {cfg.run.method!r} trains on clips but {d.data}/train is a {kind!r} split; "
-                          "convert videos with tools/convert_video.py")
-    if video and arch not in VIDEO_ARCHS:
-        raise ConfigError(f"invalid value for 'arch': {arch!r} on video data; choose from {', '.join(VIDEO_ARCHS)}")
-    if not video and arch in VIDEO_ARCHS:
-        raise ConfigError(f"invalid value for 'arch': {arch!r} is a video backbone but {d.data}/train holds images")
-    return video
-
-
-def clip_recipe(d, recipe: str):
-    """The clip recipe `recipe` at the run's frames / stride / size / blur / --crop-min-scale."""
-    from pipeline.loaders.clips import get_clip_recipe
-    return get_clip_recipe(recipe, d.image_size, d.frames, d.stride, d.blur, d.crop_min_scale)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

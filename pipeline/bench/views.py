@@ -63,7 +63,7 @@ def timed(batches, seconds: float, warmup: int = 2) -> float:
 
 def _count(loader):
     for b in loader:
-        yield len(b["index"])
+        yield len(b.index)
 
 
 def decode_only_dali(split: Path, batch: int, workers: int, seconds: float) -> float:

@@ -4,7 +4,7 @@
                                image_size=112, rank=rank, world_size=world, seed=0, device="cuda")
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
-        for batch in loader:   # {"views": [B x C x T x H x W, B x C x T x H x W], "index": int64[B], "label": int64[B]}
+        for batch in loader:   # Batch: .views [B x C x T x H x W] x 2, .index, .label int64[B], .times [B x T] x 2
             ...
 
 A clip view is an image view (`pipeline.views.spec.ViewSpec`: crop, flip, jitter, grayscale, blur, solarize,
@@ -56,6 +56,7 @@ import torch
 from numba import njit
 
 from pipeline.views import torch_ops
+from pipeline.loaders.batch import Batch, aug_records
 from pipeline.loaders.prefetch import RawBatch, prefetched, take
 from pipeline.loaders.loader import ViewLoader, loader_setup
 from pipeline.views.params import sample_key, uniform, view_params
@@ -411,7 +412,7 @@ class ClipLoader(ViewLoader):
                                  f"resuming would not reproduce the original clips")
         super().load_state_dict(state)
 
-    def _finish(self, raw: RawBatch) -> dict:
+    def _finish(self, raw: RawBatch) -> Batch:
         st = self.stats
         st["batches"] += 1
         st["samples"] += len(raw.index)
@@ -429,12 +430,10 @@ class ClipLoader(ViewLoader):
             else:
                 y = torch.zeros(0, C, T, S, S, device=self.device)
             views.append(y)
-        batch = {"views": views, "index": torch.from_numpy(raw.index.astype(np.int64)),
-                 "label": torch.from_numpy(raw.label.astype(np.int64))}
-        if self.return_aug:
-            batch["aug"] = [{k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in rec.items()}
-                            for rec in raw.params]
-        return batch
+        return Batch(views=views, index=torch.from_numpy(raw.index.astype(np.int64)),
+                     label=torch.from_numpy(raw.label.astype(np.int64)),
+                     aug=aug_records(raw.params) if self.return_aug else None,
+                     times=[torch.from_numpy(np.ascontiguousarray(rec["frames"], np.int64)) for rec in raw.params])
 
 
 def build_clip_loader(data: str | Path, split: str = "train", recipe: str | ClipSpec | RecipeSpec = "cvrl", *,

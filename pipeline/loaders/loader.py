@@ -4,14 +4,15 @@
                           rank=rank, world_size=world, seed=0, device="cuda")
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
-        for batch in loader:          # {"views": [B x C x H x W, ...], "index": int64[B], "label": int64[B]}
+        for batch in loader:          # Batch: .views [B x C x H x W, ...], .index int64[B], .label int64[B]
             ...
         ckpt["loader"] = loader.state_dict()   # at any batch boundary
 
-Every batch of every backend has the same form: "views" (one float32 tensor per view of the recipe, on
-`device`, normalized as the view's ColorSpec says), "index" and "label" (int64 CPU tensors), and with
-`return_aug=True` an "aug" list with the parameter record of each view (crop box top/left/h/w in source
-pixels, flip, jitter factors and order, grayscale, blur sigma, solarize, RandAugment ops) as tensors.
+Every batch of every backend is a `pipeline.loaders.batch.Batch`: `views` (one float32 tensor per view
+of the recipe, on `device`, normalized as the view's ColorSpec says), `index` and `label` (int64 CPU
+tensors), and with `return_aug=True` an `aug` list with the parameter record of each view (crop box
+top/left/h/w in source pixels, flip, jitter factors and order, grayscale, blur sigma, solarize,
+RandAugment ops) as tensors.
 
 Order and partition: `pipeline.loaders.sampler.EpochSampler` (each sample to exactly one rank per epoch; the
 remainder is dropped in mode "train", kept in mode "eval"). Randomness: `pipeline.views.params` (a pure
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from pipeline.views import torch_ops
+from pipeline.loaders.batch import Batch, aug_records
 from pipeline.loaders.prefetch import RawBatch
 from pipeline.views.recipes import get_recipe
 from pipeline.loaders.sampler import EpochSampler
@@ -129,7 +131,7 @@ class ViewLoader:
             self._drop_stream()
         self.epoch, self.batch = epoch + 1, 0
 
-    def _finish(self, raw: RawBatch) -> dict:
+    def _finish(self, raw: RawBatch) -> Batch:
         st = self.stats
         st["batches"] += 1
         st["samples"] += len(raw.index)
@@ -147,12 +149,9 @@ class ViewLoader:
                 else:
                     done[s] = torch.zeros(0, 3, view.size, view.size, device=self.device)
             views.append(torch_ops.to_output(done[s], view.color))
-        batch = {"views": views, "index": torch.from_numpy(raw.index.astype(np.int64)),
-                 "label": torch.from_numpy(raw.label.astype(np.int64))}
-        if self.return_aug:
-            batch["aug"] = [{k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in rec.items()}
-                            for rec in raw.params]
-        return batch
+        return Batch(views=views, index=torch.from_numpy(raw.index.astype(np.int64)),
+                     label=torch.from_numpy(raw.label.astype(np.int64)),
+                     aug=aug_records(raw.params) if self.return_aug else None)
 
     def close(self) -> None:
         self._drop_stream()

@@ -8,16 +8,19 @@ contrasts view 0 with each other view and 'full' contrasts all V(V-1)/2 pairs.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 import kernels
 
+from ..config import opt
 from ..distributed import all_gather_with_grad
 from ..models import l2n
-from .base import Method
-from .instdisc import BankState
+from .base import Method, Output
+from .instdisc import BankState, InstDiscConfig
 
 
 def pair_indices(num_views: int, objective: str) -> list[tuple[int, int]]:
@@ -32,29 +35,36 @@ def in_batch_pair_loss(zi: torch.Tensor, zj: torch.Tensor, temperature: float) -
     return kernels.info_nce(zi, zj, temperature=temperature) + kernels.info_nce(zj, zi, temperature=temperature)
 
 
+@dataclass(kw_only=True)
+class CMCConfig(InstDiscConfig):
+    cmc_negatives: Literal["bank", "batch"] = opt("bank", "negatives: memory bank or in-batch")
+    cmc_objective: Literal["core", "full"] = opt(
+        "full", "with > 2 views: 'core' (view 0 against each other) or 'full' (all pairs)")
+
+
 class CMC(Method):
     name = "cmc"
     recipe = "cmc_lab"
     multiview_encoder = True
-    defaults = {"temperature": 0.07, "optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4,
-                "warmup_epochs": 0.0, "nce_k": 4096, "proj_dim": 128, "width": 32}
-    reads = frozenset({"temperature", "temperature_final", "nce_k", "nce_mode", "bank_momentum", "cmc_negatives",
-                       "cmc_objective"})
+    Config = CMCConfig
+    defaults = {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 0.0, "proj_dim": 128,
+                "width": 32}
 
-    def __init__(self, cfg, n_data, total_steps, view_channels):
-        super().__init__(cfg, n_data, total_steps, view_channels)
-        if len(view_channels) < 2:
-            raise ValueError(f"CMC needs >= 2 views, the recipe gives {len(view_channels)}")
+    def __init__(self, cfg, data, total_steps):
+        super().__init__(cfg, data, total_steps)
+        channels = data.view_channels
+        if len(channels) < 2:
+            raise ValueError(f"CMC needs >= 2 views, the recipe gives {len(channels)}")
         d = cfg.model.proj_dim
         self.heads = nn.ModuleList(nn.Linear(e.feat_dim, d) for e in self.backbone.encoders)
-        self.pairs = pair_indices(len(view_channels), cfg.method.cmc_objective)
+        self.pairs = pair_indices(len(channels), cfg.method.cmc_objective)
         if cfg.method.cmc_negatives == "bank":
-            self.memories = nn.ModuleList(BankState(n_data, d) for _ in view_channels)
-        self._pending = None
+            self.memories = nn.ModuleList(BankState(self.n_data, d) for _ in channels)
 
-    def forward(self, views, index, step):
-        t, me = self.temperature(step), self.cfg.method
-        z = [h(e(v)) for h, e, v in zip(self.heads, self.backbone.encoders, views)]
+    def compute_loss(self, batch, step):
+        t, me, index = self.temperature(step), self.cfg.method, batch.index
+        h = [e(v) for e, v in zip(self.backbone.encoders, batch.views)]
+        z = [head(x) for head, x in zip(self.heads, h)]
         loss = z[0].new_zeros((), dtype=torch.float32)
         if me.cmc_negatives == "bank":
             k = min(me.nce_k, self.n_data)
@@ -62,20 +72,14 @@ class CMC(Method):
                 # view i against view j's memory (positive: the sample's own row there) and back.
                 loss = loss + self.memories[j].loss(z[i], index, k, t, me.nce_mode)
                 loss = loss + self.memories[i].loss(z[j], index, k, t, me.nce_mode)
-            self._pending = (index, [x.detach() for x in z])
+            for mem, x in zip(self.memories, z):
+                self.defer(mem.write, index, x.detach(), me.bank_momentum)
         else:
             zg = [all_gather_with_grad(x) for x in z]
             for i, j in self.pairs:
                 loss = loss + in_batch_pair_loss(zg[i], zg[j], t)
-        return loss, {"temperature": t}
-
-    @torch.no_grad()
-    def after_step(self, step):
-        if self._pending is not None:
-            index, z = self._pending
-            for mem, x in zip(self.memories, z):
-                mem.write(index, x, self.cfg.method.bank_momentum)
-            self._pending = None
+        # The probe sees what eval sees: the per-view encoders' features, concatenated.
+        return Output(loss, {"temperature": t}, features=torch.cat(h, 1))
 
     @classmethod
     def eval_recipe(cls, train_recipe, image_size):

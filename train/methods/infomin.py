@@ -3,11 +3,19 @@ MoCo v2's views), with the symmetric loss and temperature 0.15 of the paper's Py
 
 from __future__ import annotations
 
-from .mocov2 import MoCoV2
+from dataclasses import dataclass
+
+from ..config import temperature_key
+from .mocov2 import MoCoV2, MoCoV2Config
+
+
+@dataclass(kw_only=True)
+class InfoMinConfig(MoCoV2Config):
+    temperature: float = temperature_key(0.15)
 
 
 class InfoMin(MoCoV2):
     name = "infomin"
     recipe = "infomin"
-    defaults = {**MoCoV2.defaults, "temperature": 0.15}
+    Config = InfoMinConfig
     symmetric = True

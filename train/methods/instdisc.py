@@ -9,14 +9,18 @@ the optimizer step with the features and indices of all processes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
 import kernels
 
+from ..config import MethodConfig, fraction_key, opt, positive_int_key, temperature_final_key, temperature_key
 from ..distributed import all_gather_nograd
 from ..models import l2n
-from .base import Method, init_bank
+from .base import Method, Output, init_bank, register_state
 
 
 def bank_loss(q, bank, index, neg_idx, temperature, mode, Z):
@@ -30,8 +34,8 @@ class BankState(nn.Module):
 
     def __init__(self, n: int, d: int):
         super().__init__()
-        self.register_buffer("bank", init_bank(n, d), persistent=True)
-        self.register_buffer("Z", torch.full((), -1.0), persistent=True)
+        register_state(self, "bank", init_bank(n, d))
+        register_state(self, "Z", torch.full((), -1.0))
 
     def loss(self, q, index, k, temperature, mode):
         neg = torch.randint(0, self.bank.shape[0], (q.shape[0], k), device=q.device)
@@ -48,29 +52,31 @@ class BankState(nn.Module):
         kernels.bank_update(self.bank, all_gather_nograd(index), all_gather_nograd(l2n(q.detach())), momentum)
 
 
+@dataclass(kw_only=True)
+class InstDiscConfig(MethodConfig):
+    temperature: float = temperature_key(0.07)
+    temperature_final: float = temperature_final_key()
+    nce_k: int = positive_int_key(4096, "negatives drawn from the memory bank per sample")
+    nce_mode: Literal["softmax", "nce"] = opt("softmax", "memory-bank loss: softmax (InfoNCE) or CMC's NCE")
+    bank_momentum: float = fraction_key(0.5, "memory-bank update momentum")
+
+
 class InstDisc(Method):
     name = "instdisc"
     recipe = "instdisc"  # one view per sample, as in the paper: no second view is decoded and discarded
-    defaults = {"temperature": 0.07, "optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4,
-                "warmup_epochs": 0.0, "nce_k": 4096, "proj_dim": 128}
-    reads = frozenset({"temperature", "temperature_final", "nce_k", "nce_mode", "bank_momentum"})
+    Config = InstDiscConfig
+    defaults = {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 0.0, "proj_dim": 128}
 
-    def __init__(self, cfg, n_data, total_steps, view_channels):
-        super().__init__(cfg, n_data, total_steps, view_channels)
+    def __init__(self, cfg, data, total_steps):
+        super().__init__(cfg, data, total_steps)
         self.head = nn.Linear(self.backbone.feat_dim, cfg.model.proj_dim)
-        self.memory = BankState(n_data, cfg.model.proj_dim)
-        self._pending = None
+        self.memory = BankState(self.n_data, cfg.model.proj_dim)
 
-    def forward(self, views, index, step):
+    def compute_loss(self, batch, step):
         # One view per sample, as in the paper (a recipe with more views: the first one is used).
-        q = self.head(self.backbone(views[0]))
+        h = self.backbone(batch.views[0])
+        q = self.head(h)
         me = self.cfg.method
-        loss = self.memory.loss(q, index, min(me.nce_k, self.n_data), self.temperature(step), me.nce_mode)
-        self._pending = (index, q.detach())
-        return loss, {"temperature": self.temperature(step)}
-
-    @torch.no_grad()
-    def after_step(self, step):
-        if self._pending is not None:
-            self.memory.write(*self._pending, self.cfg.method.bank_momentum)
-            self._pending = None
+        loss = self.memory.loss(q, batch.index, min(me.nce_k, self.n_data), self.temperature(step), me.nce_mode)
+        self.defer(self.memory.write, batch.index, q.detach(), me.bank_momentum)
+        return Output(loss, {"temperature": self.temperature(step)}, features=h)

@@ -5,6 +5,7 @@ the state-dict keys (conv1, bn1, layer1.0.conv1, ..., layerN.0.downsample.0/1, f
 initialisation follow torchvision.models.resnet, so `export_backbone` output loads into
 `torchvision.models.resnet50()` (fc excluded). `width` scales every stage (64 is standard; CMC uses
 half width per view); `cifar_stem` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv for small images.
+`forward_features` gives the stage maps as well (train/models/features.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from train.models.features import select_outputs
 from train.models.norm import batch_norm
 
 
@@ -67,6 +69,9 @@ ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4,
 class ResNet(nn.Module):
     """torchvision-compatible ResNet trunk; forward returns pooled features (B, feat_dim), no fc."""
 
+    feature_names = ("stage1", "stage2", "stage3", "stage4", "pooled")
+    _last_stage = {"stage1": 1, "stage2": 2, "stage3": 3, "stage4": 4, "pooled": 4}
+
     def __init__(self, arch: str = "resnet18", width: int = 64, in_channels: int = 3,
                  cifar_stem: bool = False, sync_bn: bool = False):
         super().__init__()
@@ -89,6 +94,8 @@ class ResNet(nn.Module):
         self.layer4 = self._make(block, width * 8, layers[3], 2, norm)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feat_dim = width * 8 * block.expansion
+        self.feature_dims = {**{f"stage{i + 1}": width * 2 ** i * block.expansion for i in range(4)},
+                             "pooled": self.feat_dim}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -107,9 +114,21 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x):
+        return self.forward_features(x)["pooled"]
+
+    def forward_features(self, x: torch.Tensor, outputs=("pooled",)) -> dict[str, torch.Tensor]:
+        """{name: tensor} for the requested names of `feature_names`; stops after the last stage needed."""
+        want = select_outputs(outputs, self.feature_names)
+        out = {}
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        for i, layer in enumerate(stages[:max(self._last_stage[n] for n in want)], 1):
+            x = layer(x)
+            if f"stage{i}" in want:
+                out[f"stage{i}"] = x
+        if "pooled" in want:
+            out["pooled"] = torch.flatten(self.avgpool(x), 1)
+        return {n: out[n] for n in want}
 
     def meta(self) -> dict[str, str]:
         return {"arch": self.arch, "width": str(self.width), "cifar_stem": str(int(self.cifar_stem)),
@@ -119,7 +138,8 @@ class ResNet(nn.Module):
 class MultiViewEncoder(nn.Module):
     """CMC: one encoder per view (e.g. L with 1 channel and ab with 2), features concatenated.
 
-    `forward(views)` takes a list of per-view tensors; `encoders[i]` embeds view i.
+    `forward(views)` takes a list of per-view tensors; `encoders[i]` embeds view i. `forward_features`
+    offers "pooled" (the concatenation) and each encoder's outputs as "view{i}.{name}".
     """
 
     def __init__(self, arch: str, width: int, channels: list[int], cifar_stem: bool, sync_bn: bool):
@@ -127,9 +147,27 @@ class MultiViewEncoder(nn.Module):
         self.encoders = nn.ModuleList(ResNet(arch, width, c, cifar_stem, sync_bn) for c in channels)
         self.feat_dim = sum(e.feat_dim for e in self.encoders)
         self.channels = list(channels)
+        self.feature_dims = {"pooled": self.feat_dim, **{f"view{i}.{n}": d for i, e in enumerate(self.encoders)
+                                                         for n, d in e.feature_dims.items()}}
+        self.feature_names = tuple(self.feature_dims)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([e(v) for e, v in zip(self.encoders, views)], 1)
+        return self.forward_features(views)["pooled"]
+
+    def forward_features(self, views: list[torch.Tensor], outputs=("pooled",)) -> dict[str, torch.Tensor]:
+        want = select_outputs(outputs, self.feature_names)
+        if len(views) != len(self.encoders):
+            raise ValueError(f"{len(self.encoders)} encoders (channels {self.channels}) but {len(views)} views")
+        out = {}
+        for i, (e, v) in enumerate(zip(self.encoders, views)):
+            mine = [n.partition(".")[2] for n in want if n.startswith(f"view{i}.")]
+            if "pooled" in want:
+                mine.append("pooled")
+            if mine:
+                out.update({f"view{i}.{n}": t for n, t in e.forward_features(v, mine).items()})
+        if "pooled" in want:
+            out["pooled"] = torch.cat([out[f"view{i}.pooled"] for i in range(len(self.encoders))], 1)
+        return {n: out[n] for n in want}
 
     def meta(self) -> dict[str, str]:
         m = self.encoders[0].meta()

@@ -8,7 +8,8 @@ layer2.0.downsample.0/1, ...) and the initialisation are torchvision's, so at wi
 (fc excluded, `strict=False`). Parameter counts at width 64 without fc: r3d18 33,166,272 and
 r2plus1d18 31,300,125 (torchvision's 33,371,472 and 31,505,325 include the 400-way fc).
 
-Input: (B, C, T, H, W) float clips; forward returns pooled features (B, 8 * width).
+Input: (B, C, T, H, W) float clips; forward returns pooled features (B, 8 * width); `forward_features`
+also gives the stage maps and per-frame features (train/models/features.py).
 
 `width` scales every stage (64, 128, 256, 512 at width 64) for tiny CPU tests. R(2+1)D's factorised
 convolutions keep torchvision's mid-plane rule (mid = in*out*27 // (in*9 + 3*out), which keeps the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from train.models.features import select_outputs
 from train.models.norm import batch_norm
 
 VIDEO_ARCHS = ("r3d18", "r2plus1d18")
@@ -98,6 +100,9 @@ _SPECS = {"r3d18": (Conv3DSimple, basic_stem, (2, 2, 2, 2)),
 class VideoResNet(nn.Module):
     """torchvision-compatible VideoResNet trunk (no fc); forward(B, C, T, H, W) -> (B, feat_dim)."""
 
+    feature_names = ("stage1", "stage2", "stage3", "stage4", "frames", "pooled")
+    _last_stage = {"stage1": 1, "stage2": 2, "stage3": 3, "stage4": 4, "frames": 4, "pooled": 4}
+
     def __init__(self, arch: str = "r3d18", width: int = 64, in_channels: int = 3, sync_bn: bool = False):
         super().__init__()
         if arch not in _SPECS:
@@ -113,6 +118,8 @@ class VideoResNet(nn.Module):
         self.layer4 = self._make_layer(conv, width * 8, layers[3], 2, norm)
         self.avgpool = nn.AdaptiveAvgPool3d((1, 1, 1))
         self.feat_dim = width * 8 * BasicBlock.expansion
+        self.feature_dims = {**{f"stage{i + 1}": width * 2 ** i * BasicBlock.expansion for i in range(4)},
+                             "frames": self.feat_dim, "pooled": self.feat_dim}
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -135,14 +142,29 @@ class VideoResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)["pooled"]
+
+    def forward_features(self, x: torch.Tensor, outputs=("pooled",)) -> dict[str, torch.Tensor]:
+        """{name: tensor} for the requested names of `feature_names`; stops after the last stage needed.
+        "frames" (B, T', C) is the last stage averaged over space only."""
+        want = select_outputs(outputs, self.feature_names)
         if x.dim() != 5:
             raise ValueError(f"{self.arch} wants (B, C, T, H, W) clips, got shape {tuple(x.shape)}")
+        out = {}
         x = self.stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        for i, layer in enumerate(stages[:max(self._last_stage[n] for n in want)], 1):
+            x = layer(x)
+            if f"stage{i}" in want:
+                out[f"stage{i}"] = x
+        if "frames" in want:
+            out["frames"] = x.mean(dim=(3, 4)).transpose(1, 2)
+        if "pooled" in want:
+            out["pooled"] = torch.flatten(self.avgpool(x), 1)
+        return {n: out[n] for n in want}
 
     def meta(self) -> dict[str, str]:
-        # cifar_stem is part of every backbone's metadata (train.models.backbone_from_meta reads it).
+        # cifar_stem "0" stays: earlier backbone_from_meta versions require the key in every file.
         return {"arch": self.arch, "width": str(self.width), "cifar_stem": "0", "in_channels": str(self.in_channels),
                 "input": "video"}
 
