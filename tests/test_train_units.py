@@ -319,3 +319,58 @@ def test_help_per_method_shows_its_keys_and_defaults(method, shown, hidden, caps
         assert f"{flag} " in out, flag
     for flag in hidden:
         assert f"{flag} " not in out, flag
+
+
+def test_a_method_declares_the_backbone_outputs_it_needs(monkeypatch):
+    """A method asking for stage maps a backbone lacks fails at build time, naming what it has; one
+    that gets them reads them through forward_features."""
+    cls = get_method("simclr")
+    monkeypatch.setattr(cls, "outputs", ("pooled", "stage3"))
+    m = make_method(tiny_cfg("simclr"), 16, 2, [3, 3])
+    feats = m.backbone.forward_features(torch.randn(2, 3, 16, 16), m.outputs)
+    assert feats["stage3"].shape[1] == m.backbone.feature_dims["stage3"]
+    monkeypatch.setattr(cls, "outputs", ("pooled", "tokens"))
+    with pytest.raises(ValueError, match=r"needs backbone outputs \['tokens'\]; resnet18 has stage1"):
+        make_method(tiny_cfg("simclr"), 16, 2, [3, 3])
+
+
+def test_probe_has_its_own_optimizer_and_only_the_probe_sees_labels():
+    """The online probe's parameters leave the main optimizer for their own; its loss moves only the probe
+    (features detached); the self-supervised loss gets the batch without labels."""
+    from pipeline.loaders.batch import Batch
+    m = make_method(tiny_cfg("simclr"), 64, 10, [3, 3])
+    m.attach_probe(5)
+    probe = {id(p) for p in m.probe.parameters()}
+    assert not probe & {id(p) for p in m.main_parameters()}
+    assert not probe & {id(p) for g in m.param_groups(0.1) for p in g["params"]}
+    (extra,) = m.extra_optimizers()
+    assert extra.name == "probe" and {id(p) for p in extra.params} == probe and len(extra.lr) == 10
+    seen = []
+    original = m.compute_loss
+    m.compute_loss = lambda batch, step: (seen.append(batch.label), original(batch, step))[1]
+    views = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    total, out = m(Batch(views=views, index=torch.arange(8), label=torch.arange(8) % 5), 0)
+    assert seen == [None]
+    (total - out.loss).backward()  # the probe's cross-entropy alone (the SSL terms cancel to exact zeros)
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in m.probe.parameters())
+    assert all(p.grad is None or not bool(p.grad.any()) for p in m.backbone.parameters())
+    assert int(out.logs["probe_count"]) == 8 and 0 <= int(out.logs["probe_correct"]) <= 8
+
+
+def test_a_method_that_wants_aug_records_gets_them(monkeypatch, tmp_path):
+    """`wants_aug` makes the training loader add each view's augmentation record to the Batch."""
+    from pipeline.convert import ConvertConfig, convert
+    from pipeline.synthetic.images import make
+    from train.data import build_data
+    make(tmp_path / "src", classes=2, train_per_class=8, val_per_class=0, seed=0, progress=False)
+    convert(ConvertConfig(src=str(tmp_path / "src"), out=str(tmp_path / "out"), split="train", max_side=48,
+                          shard_size=64, workers=1, progress=False))
+    cls = get_method("simclr")
+    monkeypatch.setattr(cls, "wants_aug", True)
+    cfg = tiny_cfg("simclr", data=str(tmp_path / "out"), batch_size=4, image_size=16)
+    data = build_data(cfg, cls)
+    try:
+        batch = next(iter(data.loader))
+    finally:
+        data.close()
+    assert batch.aug is not None and len(batch.aug) == 2 and batch.aug[0]["crop"].shape == (4, 4)

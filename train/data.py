@@ -59,11 +59,12 @@ class RunData:
             ld.close()
 
 
-def _loader(cfg: Config, split: str, recipe, clips: bool, rank: int, world: int, device: str, mode: str):
+def _loader(cfg: Config, split: str, recipe, clips: bool, rank: int, world: int, device: str, mode: str,
+            return_aug: bool = False):
     d = cfg.data
     size = d.image_size if mode == "train" else (d.eval_image_size or d.image_size)
     common = dict(batch_size=d.batch_size, image_size=size, rank=rank, world_size=world, seed=cfg.run.seed,
-                  device=device, mode=mode)
+                  device=device, mode=mode, return_aug=return_aug)
     if clips:  # B x C x T x H x W clips from a video split: pipeline/loaders/clips.py
         from pipeline.loaders.clips import build_clip_loader
         return build_clip_loader(d.data, split, recipe, frames=d.frames, stride=d.stride, decoder=d.decoder,
@@ -86,7 +87,7 @@ def build_data(cfg: Config, method_cls, rank: int = 0, world: int = 1, device: s
             spec = run_recipe(name, d.image_size, blur=d.blur, crop_min_scale=d.crop_min_scale)
     except ValueError as e:  # a recipe option the recipe cannot take (--crop-min-scale above its range)
         raise ConfigError(str(e)) from None
-    loader = _loader(cfg, "train", spec, clips, rank, world, device, mode="train")
+    loader = _loader(cfg, "train", spec, clips, rank, world, device, mode="train", return_aug=method_cls.wants_aug)
     spec = getattr(loader, "recipe", spec)
     manifest = load_manifest(Path(d.data) / "train")
     info = DataInfo(num_samples=loader.sampler.num_samples,

@@ -29,9 +29,10 @@ def parse(argv=None):
     p.add_argument("--backbone", help="RUN_DIR/backbone.safetensors (written by pretrain)")
     p.add_argument("--random-init", action="store_true", help="a randomly initialised encoder instead")
     p.add_argument("--arch", default="resnet18",
-                   help="with --random-init: resnet18, resnet34, resnet50; video: r3d18, r2plus1d18")
+                   help="with --random-init: resnet18, resnet34, resnet50, vit_tiny, vit_small; video: r3d18, r2plus1d18")
     p.add_argument("--width", type=int, default=64, help="with --random-init: first-stage width")
     p.add_argument("--cifar-stem", action="store_true", help="with --random-init: 3x3 stem, no max-pool")
+    p.add_argument("--patch-size", type=int, default=0, help="with --random-init of a ViT: patch size (0: 16)")
     p.add_argument("--data", required=True, help="converted dataset root (train/ and optionally val/)")
     p.add_argument("--out", required=True, help="result JSON path")
     p.add_argument("--format", choices=["wds", "ffcv"], default="wds")
@@ -82,8 +83,9 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(a.seed)
     if a.random_init:
-        net, meta = build_backbone(a.arch, a.width, a.cifar_stem), {}
         size = a.image_size or 224
+        vit = {"image_size": size, "patch_size": a.patch_size} if a.arch.startswith("vit") else {}
+        net, meta = build_backbone(a.arch, a.width, a.cifar_stem, **vit), {}
     else:
         net = load_backbone(a.backbone)
         from safetensors import safe_open

@@ -69,7 +69,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_report(run_dir: Path) -> Path:
-    """report.png: loss, kNN accuracy, images/s and data-wait % against the step."""
+    """report.png: loss, kNN and online-probe accuracy, images/s and data-wait % against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,11 +79,11 @@ def write_report(run_dir: Path) -> Path:
     fig, ax = plt.subplots(2, 2, figsize=(11, 7))
     ax[0, 0].plot([r["step"] for r in tr], [r["loss"] for r in tr])
     ax[0, 0].set_title("training loss")
-    knn_keys = sorted({k for r in ep for k in r if k.startswith("knn@")})
+    knn_keys = sorted({k for r in ep for k in r if k.startswith(("knn@", "probe_"))})
     for key in knn_keys:
         pts = [(r["step"], r[key]) for r in ep if key in r]
         ax[0, 1].plot(*zip(*pts), marker="o", label=key)
-    ax[0, 1].set_title("kNN top-1 (%)")
+    ax[0, 1].set_title("kNN and online linear probe top-1 (%)")
     if knn_keys:
         ax[0, 1].legend()
     ax[1, 0].plot([r["step"] for r in tr], [r["images_per_s"] for r in tr])

@@ -87,6 +87,12 @@ class Method(nn.Module):
     """True: the method trains on clips (the trainer builds a clip loader whatever the data)."""
     uses_labels: ClassVar[bool] = False
     """True only for supervised parts: otherwise compute_loss never sees labels."""
+    wants_aug: ClassVar[bool] = False
+    """True: the loader adds each view's applied augmentation record to the batch (`Batch.aug`: crop
+    box, flip, jitter factors, ...; AugSelf-style objectives predict them)."""
+    outputs: ClassVar[tuple[str, ...]] = ("pooled",)
+    """The backbone outputs compute_loss asks `backbone.forward_features` for (AMDIM / DIM / CPC: stage
+    maps); a backbone without one of them fails when the method is built, naming what it has."""
 
     def __init__(self, cfg: TrainConfig, data: DataInfo, total_steps: int):
         super().__init__()
@@ -103,6 +109,10 @@ class Method(nn.Module):
             vit = {"image_size": cfg.data.image_size, "patch_size": m.patch_size} if m.arch.startswith("vit") else {}
             self.backbone = build_backbone(m.arch, m.width, m.cifar_stem, m.sync_bn, in_channels=ch[0] if ch else 3,
                                            **vit)
+        missing = [o for o in self.outputs if o not in self.backbone.feature_names]
+        if missing:
+            raise ValueError(f"{self.name} needs backbone outputs {missing}; {m.arch} has "
+                             f"{', '.join(self.backbone.feature_names)}")
         me = cfg.method
         self.tau = self.ema_sched = None
         if getattr(me, "temperature", 0):
