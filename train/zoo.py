@@ -255,51 +255,56 @@ def convert(r: Runner, cmd: list) -> None:
         r.run([*cmd, "--overwrite"])
 
 
-def make_image_data(r: Runner, work: Path, budget: str, seed: int) -> Path:
-    spec = IMAGE_DATA[budget]
-    src, data = work / "image_src", work / "image_data"
-    sig = json.loads(json.dumps({**spec, "seed": seed}))  # as read back (tuples are lists)
+def _build_data(r: Runner, kind: str, src: Path, data: Path, sig: dict, title: str, make_cmd: list,
+                convert_cmds: dict[str, list]) -> Path:
+    """Render the source set (`make_cmd`) and convert each split (`convert_cmds[split]`), each step skipped
+    when its marker holds this signature."""
     if _read_json(src / ".zoo_done.json") != sig:
-        r.step(f"image data set ({spec['classes']} classes x {spec['train_per_class']} + {spec['val_per_class']})")
+        r.step(title)
         for d in (src, data):  # a new source: its old conversion would refuse to resume on it
             if d.exists():
                 shutil.rmtree(d)
-        r.run([PY, ROOT / "tools/make_synthetic.py", "--out", src, "--classes", spec["classes"], "--train-per-class",
-               spec["train_per_class"], "--val-per-class", spec["val_per_class"], "--easy", "--side-range",
-               *spec["side_range"], "--seed", seed, *([] if r.progress else ["--no-progress"])])
+        r.run(make_cmd)
         _write_json(src / ".zoo_done.json", sig)
-    for split in ("train", "val"):
+    for split, cmd in convert_cmds.items():
         marker = data / f".zoo_{split}_done.json"
         if _read_json(marker) != sig:
-            r.step(f"convert image {split}")
-            convert(r, [PY, ROOT / "tools/convert_imagenet.py", "--src", src, "--out", data, "--split", split,
-                        "--max-side", spec["max_side"], "--shard-size", 256, "--formats", "wds", "--workers", 2,
-                        *([] if r.progress else ["--no-progress"])])
+            r.step(f"convert {kind} {split}")
+            convert(r, cmd)
             _write_json(marker, sig)
     return data
+
+
+def _signature(spec: dict, seed: int) -> dict:
+    return json.loads(json.dumps({**spec, "seed": seed}))  # as read back (tuples are lists)
+
+
+def make_image_data(r: Runner, work: Path, budget: str, seed: int) -> Path:
+    spec = IMAGE_DATA[budget]
+    src, data = work / "image_src", work / "image_data"
+    quiet = [] if r.progress else ["--no-progress"]
+    make = [PY, ROOT / "tools/make_synthetic.py", "--out", src, "--classes", spec["classes"], "--train-per-class",
+            spec["train_per_class"], "--val-per-class", spec["val_per_class"], "--easy", "--side-range",
+            *spec["side_range"], "--seed", seed, *quiet]
+    conv = {split: [PY, ROOT / "tools/convert_imagenet.py", "--src", src, "--out", data, "--split", split, "--max-side",
+                    spec["max_side"], "--shard-size", 256, "--formats", "wds", "--workers", 2, *quiet]
+            for split in ("train", "val")}
+    title = f"image data set ({spec['classes']} classes x {spec['train_per_class']} + {spec['val_per_class']})"
+    return _build_data(r, "image", src, data, _signature(spec, seed), title, make, conv)
 
 
 def make_video_data(r: Runner, work: Path, budget: str, seed: int) -> Path:
     spec = VIDEO_DATA[budget]
     src, data = work / "video_src", work / "video_data"
-    sig = json.loads(json.dumps({**spec, "seed": seed}))  # as read back (tuples are lists)
-    if _read_json(src / ".zoo_done.json") != sig:
-        r.step(f"video data set ({spec['classes']} classes x {spec['per_class']} videos, class cues 'easy')")
-        for d in (src, data):  # a new source: its old conversion would refuse to resume on it
-            if d.exists():
-                shutil.rmtree(d)
-        r.run([PY, ROOT / "tools/make_synthetic_video.py", "--out", src, "--classes", spec["classes"], "--per-class",
-               spec["per_class"], "--frames", spec["frames"], "--size", spec["size"], "--container", "mp4",
-               "--class-cues", "easy", "--seed", seed, *([] if r.progress else ["--no-progress"])])
-        _write_json(src / ".zoo_done.json", sig)
-    for split, lst in (("train", "trainlist01.txt"), ("val", "testlist01.txt")):
-        marker = data / f".zoo_{split}_done.json"
-        if _read_json(marker) != sig:
-            r.step(f"convert video {split}")
-            convert(r, [PY, ROOT / "tools/convert_video.py", "--src", src, "--out", data, "--split", split,
-                        "--split-file", lst, "--workers", 2, *([] if r.progress else ["--no-progress"])])
-            _write_json(marker, sig)
-    return data
+    quiet = [] if r.progress else ["--no-progress"]
+    make = [PY, ROOT / "tools/make_synthetic_video.py", "--out", src, "--classes", spec["classes"], "--per-class",
+            spec["per_class"], "--frames", spec["frames"], "--size", spec["size"], "--container", "mp4",
+            "--class-cues", "easy", "--seed", seed, *quiet]
+    conv = {split: [PY, ROOT / "tools/convert_video.py", "--src", src, "--out", data, "--split", split,
+                    "--split-file", lst, "--workers", 2, *quiet]
+            for split, lst in (("train", "trainlist01.txt"), ("val", "testlist01.txt"))}
+    title = f"video data set ({spec['classes']} classes x {spec['per_class']} videos, class cues 'easy')"
+    return _build_data(r, "video", src, data, _signature(spec, seed), title, make, conv)
 
 
 def num_samples(data: Path, split: str) -> int:

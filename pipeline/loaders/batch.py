@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -70,5 +71,4 @@ class Batch:
 
 def aug_records(params: list[dict]) -> list[dict[str, torch.Tensor]]:
     """The per-view parameter records of pipeline.views.params (numpy arrays) as tensors."""
-    import numpy as np
     return [{k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in rec.items()} for rec in params]
