@@ -37,13 +37,23 @@ _SOFTMAX, _NCE, _LSE_ONLY = 0, 1, 2
 
 _CONFIGS = [
     triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bk, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 4, 3)]
+    for bk, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 4, 3), (32, 8, 3)]
 ]
+# A program holds a (BLOCK_K x BLOCK_D) fp32 tile of gathered rows; past 64 elements per thread it
+# spills (sm_90 compiles, tests/test_kernels_backend.py), so wide rows get the narrower tiles.
+_MAX_TILE_PER_THREAD = 64
+
+
+def _admit(cfg, constexprs, elem):
+    per_thread = cfg.kwargs["BLOCK_K"] * constexprs["BLOCK_D"] // (32 * cfg.num_warps)
+    return per_thread <= _MAX_TILE_PER_THREAD
+
+
 _CPU_CONFIG = {"BLOCK_K": 32}
 _CPU_SPLITS = 3  # interpreter: exercise the cross-split merge on small K
 
 
-@triton_kernel(configs=_CONFIGS, key=["K", "D", "MODE"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_CONFIGS, key=["K", "D"], cpu_config=_CPU_CONFIG, admit=_admit)
 def _bank_scores_kernel(q_ptr, bank_ptr, idx_ptr, logz_ptr, part_ptr, acc_ptr, K, D, stride_q,
                         stride_b, stride_idx, stride_pb, stride_ab, stride_as, k_per_split, inv_t,
                         log_c, log_c_eps, MODE: tl.constexpr, NEED_GRAD: tl.constexpr,
@@ -179,6 +189,12 @@ def _nce_consts(K, n_data):
 class _BankNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, bank, pos_idx, neg_idx, logz, temperature, mode, triton_path):
+        with _backend.no_autocast(q.device):
+            return _BankNCE._forward(ctx, q, bank, pos_idx, neg_idx, logz, temperature, mode,
+                                     triton_path)
+
+    @staticmethod
+    def _forward(ctx, q, bank, pos_idx, neg_idx, logz, temperature, mode, triton_path):
         need_grad = ctx.needs_input_grad[0]
         B, K = neg_idx.shape
         consts = _nce_consts(K, bank.shape[0])
@@ -216,6 +232,11 @@ class BankNCEOutput(NamedTuple):
 
 
 def _estimate_logz(q, bank, pos_idx, neg_idx, temperature, triton_path):
+    with _backend.no_autocast(q.device):
+        return _estimate_logz_fp32(q, bank, pos_idx, neg_idx, temperature, triton_path)
+
+
+def _estimate_logz_fp32(q, bank, pos_idx, neg_idx, temperature, triton_path):
     partials = _partials_triton if triton_path else _partials_torch
     part, _ = partials(q, bank, neg_idx, temperature, _LSE_ONLY, None, False, (0.0, 0.0))
     ct = part.dtype
@@ -236,6 +257,9 @@ def bank_nce(q: torch.Tensor, bank: torch.Tensor, pos_idx: torch.Tensor, neg_idx
     with the positive as target; "nce" is CMC's NCECriterion with P = exp(s/T) / Z. In nce mode pass
     the Z returned by the first call (Z=None estimates it from this batch, as CMC does once).
     Returns BankNCEOutput(loss, Z); loss is a float32 scalar (float64 for float64 torch-path inputs).
+    Precision: no matrix unit is involved (each score is a gathered row's dot with q_i, a memory-
+    bound loop), so q and the bank are read in their own dtypes and every product and sum is fp32,
+    under autocast too (the torch path switches autocast off, as the kernel ignores it).
     backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (interpreter on CPU), "torch".
     """
     if mode not in ("softmax", "nce"):

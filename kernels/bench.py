@@ -11,7 +11,11 @@ Grid: provider x mode (fwd, bwd, fwd_bwd) x size. Providers on CUDA: "fused" (th
 and its eager baseline is CMC's index_select + bmm + index_copy_.
 
 Each row (median time, peak extra memory, device, versions, date) is appended to
-<out>/<kernel>.csv, and <out>/<kernel>.png plots this run's rows.
+<out>/<kernel>.csv as soon as it is measured (a later failure loses nothing; a row that fails says
+why in `status`), and <out>/<kernel>.png plots this run's rows. With --gemm-tflops / --copy-gbps
+(measured rates: tools/gpu_check.py passes its probe's) each row also gets its floor,
+max(FLOPs / GEMM rate, bytes / copy rate), and `floor_pct` = 100 * floor / median time.
+torch.compile compiles once per size (dynamic=False) and is reused for every mode.
 """
 from __future__ import annotations
 
@@ -61,7 +65,27 @@ GRIDS: dict[str, dict[str, list[dict[str, int]]]] = {
 TEMPERATURE = 0.07
 MOMENTUM = 0.5
 FIELDS = ["date", "device", "torch", "triton", "kernel", "provider", "mode", "dtype", "N", "K", "d",
-          "bank", "median_ms", "peak_mib", "status"]
+          "bank", "median_ms", "peak_mib", "floor_ms", "floor_pct", "status"]
+
+
+def work(kernel: str, mode: str, case: dict, elem: int) -> tuple[float, float]:
+    """(FLOPs, bytes) the fused kernels must do at least: the dots (a d-long dot is 2d FLOPs) and
+    each input read once, each output written once (fp32 LSE / gradients)."""
+    d = case["d"]
+    if kernel == "nt_xent":
+        m = 2 * case["N"]
+        dots = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode] * m * m  # bwd: recompute + weighted sum
+        io = {"fwd": m * d * elem + 4 * m, "bwd": m * d * (elem + 4) + 4 * m,
+              "fwd_bwd": m * d * (elem + 4) + 8 * m}[mode]
+    elif kernel == "info_nce":
+        n, k = case["N"], case["K"]
+        dots = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode] * n * k
+        io = (k + 2 * n) * d * elem + {"fwd": 0, "bwd": 2 * n * d * 4, "fwd_bwd": 2 * n * d * 4}[mode]
+    else:  # bank_nce + bank_update: the B x (K+1) gathered rows are the work; backward is a scale
+        b, k = case["N"], case["K"]
+        dots = b * (k + 1) if mode != "bwd" else 0
+        io = (b * (k + 1) * d * elem + 2 * b * d * elem) if mode != "bwd" else 2 * b * d * 4
+    return 2.0 * d * dots, float(io)
 
 
 def _unit(n: int, d: int, dtype, device, requires_grad=False) -> torch.Tensor:
@@ -117,7 +141,8 @@ def build(kernel: str, provider: str, case: dict, dtype, device):
         return (lambda: eager(*args, **kwargs)), grads
     if provider == "compile":
         # A fresh dynamo cache per size: otherwise the grid's shapes exhaust the recompile limit
-        # (cache_size_limit) and later sizes silently run eager.
+        # (cache_size_limit) and later sizes silently run eager. Built once per size; every mode
+        # calls the same compiled function (the backward graph is compiled at the first backward).
         torch._dynamo.reset()
         compiled = torch.compile(eager, dynamic=False)
         return (lambda: compiled(*args, **kwargs)), grads
@@ -200,31 +225,61 @@ def device_name(device) -> str:
     return f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def run(kernel: str, grid: str, modes, providers, dtype, device) -> list[dict]:
+def run(kernel: str, grid: str, modes, providers, dtype, device, out: Path | None = None,
+        rates: dict | None = None) -> list[dict]:
+    """Measure the grid; each row is appended to out/<kernel>.csv as soon as it is measured."""
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    elem = torch.empty(0, dtype=dtype).element_size()
     for case in GRIDS[kernel][grid]:
         for provider in providers:
+            base = dict(date=stamp, device=device_name(device), torch=torch.__version__,
+                        triton=triton.__version__, kernel=kernel, provider=provider,
+                        dtype=str(dtype).removeprefix("torch."), N=case["N"], K=case.get("K", ""),
+                        d=case["d"], bank=case.get("bank", ""), floor_ms="", floor_pct="")
+            try:
+                torch.manual_seed(0)
+                loss_fn, grads = build(kernel, provider, case, dtype, device)  # compiles once
+            except Exception as e:  # noqa: BLE001 - recorded in the row, the grid goes on
+                loss_fn, error = None, _status(e)
             for mode in modes:
-                row = dict(date=stamp, device=device_name(device), torch=torch.__version__,
-                           triton=triton.__version__, kernel=kernel, provider=provider, mode=mode,
-                           dtype=str(dtype).removeprefix("torch."), N=case["N"],
-                           K=case.get("K", ""), d=case["d"], bank=case.get("bank", ""))
+                row = dict(base, mode=mode)
                 try:
-                    torch.manual_seed(0)
-                    loss_fn, grads = build(kernel, provider, case, dtype, device)
+                    if loss_fn is None:
+                        raise _Recorded(error)
                     ms, mib = measure(_mode_closure(loss_fn, mode), grads, device)
                     row.update(median_ms=f"{ms:.4g}", peak_mib=f"{mib:.4g}", status="ok")
-                except torch.OutOfMemoryError:
-                    row.update(median_ms="nan", peak_mib="nan", status="oom")
+                    if rates:
+                        flops, nbytes = work(kernel, mode, case, elem)
+                        floor = max(flops / (rates["gemm_tflops"] * 1e9),
+                                    nbytes / (rates["copy_gbps"] * 1e6))
+                        row.update(floor_ms=f"{floor:.4g}", floor_pct=f"{100 * floor / ms:.3g}")
+                except Exception as e:  # noqa: BLE001
+                    row.update(median_ms="nan", peak_mib="nan", status=_status(e))
                 finally:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(row)
+                if out is not None:
+                    append_csv(out / f"{kernel}.csv", [row])
                 print(" ".join(f"{k}={row[k]}" for k in ("kernel", "provider", "mode", "N", "K",
-                                                        "d", "median_ms", "peak_mib", "status")),
-                      flush=True)
+                                                        "d", "median_ms", "peak_mib", "floor_pct",
+                                                        "status")), flush=True)
+            loss_fn = grads = None
     return rows
+
+
+class _Recorded(Exception):
+    pass
+
+
+def _status(e: BaseException) -> str:
+    if isinstance(e, _Recorded):
+        return str(e)
+    if isinstance(e, torch.OutOfMemoryError):
+        return "oom"
+    text = f"error: {type(e).__name__}: {e}".replace("\n", " ")
+    return text[:200]
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
@@ -234,6 +289,7 @@ def append_csv(path: Path, rows: list[dict]) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+        f.flush()
 
 
 def plot(path: Path, kernel: str, rows: list[dict]) -> None:
@@ -299,7 +355,18 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
                         help="directory for <kernel>.csv (appended) and <kernel>.png")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    parser.add_argument("--tf32", action="store_true",
+                        help="fp32 dots in tf32 for every provider (torch.set_float32_matmul_precision"
+                             "('high')); default: IEEE fp32, torch's default")
+    parser.add_argument("--gemm-tflops", type=float, default=None,
+                        help="measured GEMM rate of this dtype, for the floor column")
+    parser.add_argument("--copy-gbps", type=float, default=None,
+                        help="measured device copy rate (bytes read + written), for the floor column")
     args = parser.parse_args(argv)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
+    rates = (dict(gemm_tflops=args.gemm_tflops, copy_gbps=args.copy_gbps)
+             if args.gemm_tflops and args.copy_gbps else None)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -309,8 +376,7 @@ def main(argv=None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     all_rows = []
     for kernel in args.kernels:
-        rows = run(kernel, args.grid, args.modes, args.providers, dtype, device)
-        append_csv(args.out / f"{kernel}.csv", rows)
+        rows = run(kernel, args.grid, args.modes, args.providers, dtype, device, args.out, rates)
         if not args.no_plot and any(r["status"] == "ok" for r in rows):
             plot(args.out / f"{kernel}.png", kernel, [r for r in rows if r["status"] == "ok"])
         all_rows += rows

@@ -24,15 +24,10 @@ from ._backend import triton_kernel
 
 _LOG2E = 1.0 / math.log(2.0)
 
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3),
-                         (128, 32, 4, 3), (64, 32, 4, 4)]
-]
 _CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32}
 
 
-@triton_kernel(configs=_CONFIGS, key=["N", "NC", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["N", "NC", "D"], cpu_config=_CPU_CONFIG)
 def _lse_kernel(q_ptr, c_ptr, spos_ptr, lse_ptr, N, NC, D, stride_q, stride_c, scale2,
                 HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -70,7 +65,7 @@ def _lse_kernel(q_ptr, c_ptr, spos_ptr, lse_ptr, N, NC, D, stride_q, stride_c, s
     tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
 
 
-@triton_kernel(configs=_CONFIGS, key=["N", "NC", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["N", "NC", "D"], cpu_config=_CPU_CONFIG)
 def _softmax_c_kernel(q_ptr, c_ptr, lse_ptr, out_ptr, N, NC, D, stride_q, stride_c, stride_o,
                       scale2, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -100,7 +95,7 @@ def _softmax_c_kernel(q_ptr, c_ptr, lse_ptr, out_ptr, N, NC, D, stride_q, stride
              mask=rmask[:, None] & dmask[None, :])
 
 
-@triton_kernel(configs=_CONFIGS, key=["N", "NC", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["N", "NC", "D"], cpu_config=_CPU_CONFIG)
 def _softmax_t_q_kernel(q_ptr, c_ptr, lse_ptr, out_ptr, N, NC, D, stride_q, stride_c, stride_o,
                         scale2, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -130,39 +125,32 @@ def _softmax_t_q_kernel(q_ptr, c_ptr, lse_ptr, out_ptr, N, NC, D, stride_q, stri
              mask=cmask[:, None] & dmask[None, :])
 
 
-def _meta(x):
-    D = x.shape[1]
-    return dict(BLOCK_D=max(16, triton.next_power_of_2(D)),
-                UPCAST=_backend.interpreted(x) and x.dtype != torch.float32,
-                PRECISION=_backend.dot_precision(x.dtype), device_tensor=x)
-
-
 def _grid(n):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
 
 
-def _lse_triton(q, c, s_pos, temperature):
+def _lse_triton(q, c, s_pos, temperature, precision):
     N, D = q.shape
     lse = torch.empty(N, device=q.device, dtype=torch.float32)
     has_pos = s_pos is not None
     _lse_kernel(_grid(N), q, c, s_pos if has_pos else lse, lse, N, c.shape[0], D, q.stride(0),
-                c.stride(0), _LOG2E / temperature, HAS_POS=has_pos, **_meta(q))
+                c.stride(0), _LOG2E / temperature, HAS_POS=has_pos, **_backend.dot_meta(q, precision))
     return lse
 
 
-def _softmax_c_triton(q, c, lse, temperature):
+def _softmax_c_triton(q, c, lse, temperature, precision):
     N, D = q.shape
     out = torch.empty(N, D, device=q.device, dtype=torch.float32)
     _softmax_c_kernel(_grid(N), q, c, lse, out, N, c.shape[0], D, q.stride(0), c.stride(0),
-                      out.stride(0), _LOG2E / temperature, **_meta(q))
+                      out.stride(0), _LOG2E / temperature, **_backend.dot_meta(q, precision))
     return out
 
 
-def _softmax_t_q_triton(q, c, lse, temperature):
+def _softmax_t_q_triton(q, c, lse, temperature, precision):
     N, D = q.shape
     out = torch.empty(c.shape[0], D, device=q.device, dtype=torch.float32)
     _softmax_t_q_kernel(_grid(c.shape[0]), q, c, lse, out, N, c.shape[0], D, q.stride(0),
-                        c.stride(0), out.stride(0), _LOG2E / temperature, **_meta(q))
+                        c.stride(0), out.stride(0), _LOG2E / temperature, **_backend.dot_meta(q, precision))
     return out
 
 
@@ -193,28 +181,44 @@ def _softmax_grads_torch(q, c, lse, temperature, need_t):
 
 
 class _InfoNCE(torch.autograd.Function):
+    # Dtype contract (_backend.dot_dtype): q, k and the queue are rounded to `dot_dt` once, here;
+    # every logit (the positive one too) is a fp32-accumulated dot of rounded rows, in forward and
+    # backward; gradients come back in the inputs' dtype. Autocast is off inside.
     @staticmethod
-    def forward(ctx, q, k, queue, temperature, triton_path):
-        ct = _backend.compute_dtype(q, k)
-        s_pos = (q.to(ct) * k.to(ct)).sum(1) / temperature
-        c = k if queue is None else queue
-        if triton_path:
-            lse = _lse_triton(q, c, None if queue is None else s_pos.float(), temperature)
-        else:
-            lse = _lse_torch(q, c, None if queue is None else s_pos, temperature)
+    def forward(ctx, q, k, queue, temperature, triton_path, dot_dt, precision):
+        ctx.in_dtypes = (q.dtype, k.dtype)
+        with _backend.no_autocast(q.device):
+            q, k = q.detach().to(dot_dt), k.detach().to(dot_dt)
+            queue = None if queue is None else queue.to(dot_dt)
+            ct = _backend.compute_dtype(q, k)
+            s_pos = (q.to(ct) * k.to(ct)).sum(1) / temperature
+            c = k if queue is None else queue
+            if triton_path:
+                lse = _lse_triton(q, c, None if queue is None else s_pos.float(), temperature,
+                                  precision)
+            else:
+                lse = _lse_torch(q, c, None if queue is None else s_pos, temperature)
         ctx.save_for_backward(q, k, queue, lse, s_pos)
-        ctx.temperature, ctx.triton_path = temperature, triton_path
+        ctx.temperature, ctx.triton_path, ctx.precision = temperature, triton_path, precision
         return (lse - s_pos).mean()
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, queue, lse, s_pos = ctx.saved_tensors
+        with _backend.no_autocast(q.device):
+            dq, dk = _InfoNCE._grads(ctx, q, k, queue, lse, s_pos, grad_out)
+        q_dt, k_dt = ctx.in_dtypes
+        return dq.to(q_dt), None if dk is None else dk.to(k_dt), None, None, None, None, None
+
+    @staticmethod
+    def _grads(ctx, q, k, queue, lse, s_pos, grad_out):
         temperature = ctx.temperature
         c = k if queue is None else queue
         need_dk = ctx.needs_input_grad[1]
         if ctx.triton_path:
-            a = _softmax_c_triton(q, c, lse, temperature)
-            b = _softmax_t_q_triton(q, c, lse, temperature) if queue is None and need_dk else None
+            a = _softmax_c_triton(q, c, lse, temperature, ctx.precision)
+            b = (_softmax_t_q_triton(q, c, lse, temperature, ctx.precision)
+                 if queue is None and need_dk else None)
         else:
             a, b = _softmax_grads_torch(q, c, lse, temperature, queue is None and need_dk)
         scale = grad_out / (q.shape[0] * temperature)
@@ -227,12 +231,12 @@ class _InfoNCE(torch.autograd.Function):
             w = (torch.exp(s_pos.to(ct) - lse) - 1.0)[:, None]
             dq = scale * (a + w * kc)
             dk = scale * w * qc
-        return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), None, None, None
+        return dq, dk
 
 
 @_backend.opaque_to_compile
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, *,
-             temperature: float, backend: str = "auto") -> torch.Tensor:
+             temperature: float, precision: str = "auto", backend: str = "auto") -> torch.Tensor:
     """InfoNCE of queries q (N, d) against keys k (N, d); returns a float32 scalar.
 
     With `queue` (K, d): MoCo / InfoMin, logits [q_i.k_i, q_i.queue_j] / T with target 0; the queue
@@ -242,6 +246,9 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
 
     Pure function: for data-parallel training pass all-gathered features (gathered with gradients);
     the loss is a plain autograd function of its inputs.
+    precision: the dot operands' precision (see kernels._backend.dot_dtype): "auto" rounds fp32
+    inputs to bf16 under torch.autocast and otherwise follows torch's float32 matmul precision;
+    "ieee", "tf32", "bf16", "fp16" force one. Accumulation is fp32 in every case.
     backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (interpreter on CPU), "torch".
     """
     if q.dim() != 2 or k.shape != q.shape:
@@ -256,12 +263,11 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
         queue = queue.detach()
     if triton_path:
         _backend.check_triton_inputs(q.shape[1], *tensors)
-        if len({t.dtype for t in tensors}) != 1:
-            raise TypeError(f"q, k, queue must share a dtype, got {[t.dtype for t in tensors]}")
         q, k = (t if t.stride(1) == 1 else t.contiguous() for t in (q, k))
         if queue is not None and queue.stride(1) != 1:
             queue = queue.contiguous()
-    return _InfoNCE.apply(q, k, queue, float(temperature), triton_path)
+    dot_dt, prec = _backend.dot_dtype(precision, *tensors)
+    return _InfoNCE.apply(q, k, queue, float(temperature), triton_path, dot_dt, prec)
 
 
 def info_nce_ref(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, *,

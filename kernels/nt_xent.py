@@ -31,16 +31,11 @@ from ._backend import triton_kernel
 
 _LOG2E = 1.0 / math.log(2.0)
 
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3),
-                         (128, 32, 4, 3), (64, 32, 4, 4)]
-]
 # Interpreter: small tiles so that test shapes of a few hundred rows span several programs.
 _CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32}
 
 
-@triton_kernel(configs=_CONFIGS, key=["n_rows", "M", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["n_rows", "M", "D"], cpu_config=_CPU_CONFIG)
 def _nt_xent_fwd_kernel(z_ptr, lse_ptr, row_idx_ptr, row_start, n_rows, M, D, stride_z, scale2,
                         BLOCK_D: tl.constexpr, ROW_IDX: tl.constexpr, UPCAST: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -84,7 +79,7 @@ def _nt_xent_fwd_kernel(z_ptr, lse_ptr, row_idx_ptr, row_start, n_rows, M, D, st
     tl.store(lse_ptr + local, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
 
 
-@triton_kernel(configs=_CONFIGS, key=["n_rows", "n_cols", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["n_rows", "n_cols", "D"], cpu_config=_CPU_CONFIG)
 def _nt_xent_bwd_kernel(z_ptr, lse_ptr, coef_ptr, dz_ptr, row_idx_ptr, row_start, n_rows,
                         col_idx_ptr, col_start, n_cols, D, stride_z, stride_dz, scale2, inv_t,
                         BLOCK_D: tl.constexpr, ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr,
@@ -142,12 +137,6 @@ def _launch_grid(n_rows):
     return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)
 
 
-def _meta(z):
-    return dict(BLOCK_D=max(16, triton.next_power_of_2(z.shape[1])),
-                UPCAST=_backend.interpreted(z) and z.dtype != torch.float32,
-                PRECISION=_backend.dot_precision(z.dtype), device_tensor=z)
-
-
 # Anchor sets inside this module: a (start, stop) pair of ints for a contiguous block (all rows is
 # (0, M)), or a 1-D int64 tensor of distinct row indices. A kernel's *_IDX=False launch still needs
 # some int64 device tensor in the unused index slot; `groups` (M ints) is always at hand for that.
@@ -166,16 +155,16 @@ def _num_rows(rows):
     return rows[1] - rows[0] if isinstance(rows, tuple) else rows.numel()
 
 
-def _lse_triton(z, rows, groups, temperature):
+def _lse_triton(z, rows, groups, temperature, precision):
     M, D = z.shape
     idx, start, n, indexed = _rows_args(rows, groups)
     lse = torch.empty(n, device=z.device, dtype=torch.float32)
     _nt_xent_fwd_kernel(_launch_grid(n), z, lse, idx, start, n, M, D, z.stride(0),
-                        _LOG2E / temperature, ROW_IDX=indexed, **_meta(z))
+                        _LOG2E / temperature, ROW_IDX=indexed, **_backend.dot_meta(z, precision))
     return lse
 
 
-def _softmax_grad_triton(z, rows, groups, lse, coef, temperature):
+def _softmax_grad_triton(z, rows, groups, lse, coef, temperature, precision):
     """Softmax part of dz for every row of z, anchors `rows` with LSE `lse` and weights `coef`.
 
     Anchor rows need every column (their own softmax row, plus their column in the other anchors'
@@ -205,7 +194,8 @@ def _softmax_grad_triton(z, rows, groups, lse, coef, temperature):
         cidx, cstart, nc, cind = _rows_args(col_set, groups)
         _nt_xent_bwd_kernel(_launch_grid(nr), z, lse_all, coef_all, dz, ridx, rstart, nr, cidx,
                             cstart, nc, D, z.stride(0), dz.stride(0), _LOG2E / temperature,
-                            1.0 / temperature, ROW_IDX=rind, COL_IDX=cind, **_meta(z))
+                            1.0 / temperature, ROW_IDX=rind, COL_IDX=cind,
+                            **_backend.dot_meta(z, precision))
     return dz
 
 
@@ -269,37 +259,49 @@ def _select(rows):
 
 
 class _NTXent(torch.autograd.Function):
+    # Dtype contract (_backend.dot_dtype): z is rounded to `dot_dt` once, here, and every logit in
+    # forward and backward is a fp32-accumulated dot of the rounded rows; the gradient is returned in
+    # z's own dtype. Autocast is off inside (_backend.no_autocast).
     @staticmethod
-    def forward(ctx, z, groups, num_groups, temperature, triton_path, rows):
-        if triton_path:
-            lse = _lse_triton(z, rows, groups, temperature)
-        else:
-            lse = _lse_torch(z, rows, temperature)
-        sel = _select(rows)
-        zc = z.to(lse.dtype)
-        za, ga = zc[sel], groups[sel]
-        pos_cnt = (torch.bincount(groups, minlength=num_groups)[ga] - 1).to(lse.dtype)
-        pos_sum = (za * (_group_sums(zc, groups, num_groups)[ga] - za)).sum(1) / temperature
-        has_pos = pos_cnt > 0
-        n_valid = has_pos.sum()
-        row_loss = lse - pos_sum / pos_cnt.clamp(min=1)
-        loss = torch.where(has_pos, row_loss, 0.0).sum() / n_valid
+    def forward(ctx, z, groups, num_groups, temperature, triton_path, rows, dot_dt, precision):
+        with _backend.no_autocast(z.device):
+            zd = z.detach().to(dot_dt)
+            if triton_path:
+                lse = _lse_triton(zd, rows, groups, temperature, precision)
+            else:
+                lse = _lse_torch(zd, rows, temperature)
+            sel = _select(rows)
+            zc = zd.to(lse.dtype)
+            za, ga = zc[sel], groups[sel]
+            pos_cnt = (torch.bincount(groups, minlength=num_groups)[ga] - 1).to(lse.dtype)
+            pos_sum = (za * (_group_sums(zc, groups, num_groups)[ga] - za)).sum(1) / temperature
+            has_pos = pos_cnt > 0
+            n_valid = has_pos.sum()
+            row_loss = lse - pos_sum / pos_cnt.clamp(min=1)
+            loss = torch.where(has_pos, row_loss, 0.0).sum() / n_valid
         ctx.rows = rows if isinstance(rows, tuple) else None
-        ctx.save_for_backward(z, groups, lse, pos_cnt, n_valid,
+        ctx.save_for_backward(zd, groups, lse, pos_cnt, n_valid,
                               *(() if isinstance(rows, tuple) else (rows,)))
         ctx.temperature, ctx.triton_path, ctx.num_groups = temperature, triton_path, num_groups
+        ctx.precision, ctx.in_dtype = precision, z.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         z, groups, lse, pos_cnt, n_valid, *idx = ctx.saved_tensors
+        with _backend.no_autocast(z.device):
+            dz = _NTXent._grad(ctx, z, groups, lse, pos_cnt, n_valid, idx, grad_out)
+        return dz.to(ctx.in_dtype), None, None, None, None, None, None, None
+
+    @staticmethod
+    def _grad(ctx, z, groups, lse, pos_cnt, n_valid, idx, grad_out):
         rows = ctx.rows if ctx.rows is not None else idx[0]
         num_groups = ctx.num_groups
         temperature = ctx.temperature
         has_pos = pos_cnt > 0
         coef = torch.where(has_pos, grad_out / n_valid, 0.0).to(lse.dtype)  # per anchor
         if ctx.triton_path:
-            dz = _softmax_grad_triton(z, rows, groups, lse, coef, temperature)
+            dz = _softmax_grad_triton(z, rows, groups, lse, coef, temperature, ctx.precision)
         else:
             dz = _softmax_grad_torch(z, rows, lse, coef, temperature)
         # Positive part: d/dz_k of sum_i w_i z_i . (S_{g_i} - z_i) / T with w_i = c_i / |P(i)| for
@@ -314,8 +316,7 @@ class _NTXent(torch.autograd.Function):
             w[_select(rows)] = w_anchor
         pos_grad = (w[:, None] * (_group_sums(zc, groups, num_groups)[groups] - zc)
                     + _group_sums(zc, groups, num_groups, w)[groups] - w[:, None] * zc)
-        dz -= pos_grad / temperature
-        return dz.to(z.dtype), None, None, None, None, None
+        return dz - pos_grad / temperature
 
 
 def default_labels(m: int, num_views: int, device) -> torch.Tensor:
@@ -323,6 +324,21 @@ def default_labels(m: int, num_views: int, device) -> torch.Tensor:
     if num_views < 1 or m % num_views:
         raise ValueError(f"{m} rows are not {num_views} views of the same number of instances")
     return torch.arange(m, device=device) % (m // num_views)
+
+
+def dense_groups(labels: torch.Tensor) -> torch.Tensor:
+    """Labels -> dense group ids with the same equalities, without a host sync (torch.unique's
+    inverse needs one on CUDA): sort, number the runs of equal values, scatter back. Ids lie in
+    [0, M) with M = len(labels), so M bounds the number of groups (the label sums are M x d)."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer ids, got {labels.dtype}")
+    sorted_l, order = torch.sort(labels)
+    starts = torch.ones_like(sorted_l, dtype=torch.long)
+    starts[0] = 0
+    starts[1:] = (sorted_l[1:] != sorted_l[:-1]).long()
+    groups = torch.empty_like(starts)
+    groups[order] = starts.cumsum(0)
+    return groups
 
 
 def _anchor_set(anchors, m: int, device):
@@ -357,6 +373,7 @@ def _anchor_set(anchors, m: int, device):
 @_backend.opaque_to_compile
 def nt_xent(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = None, *,
             num_views: int = 2, anchors: slice | torch.Tensor | None = None,
+            precision: str = "auto",
             backend: str = "auto") -> torch.Tensor:
     """Multi-positive NT-Xent loss of embeddings z (M, d); returns a float32 scalar (float64 for
     float64 inputs on the torch path).
@@ -385,6 +402,10 @@ def nt_xent(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = N
     backward summing the gradients over processes and DDP averaging them, the update is the full
     loss's. (The default labels assume a view-major z; a per-process gather of cat([z1, z2]) is
     process-major, so pass its labels.)
+    precision: the dot operands' precision (see kernels._backend.dot_dtype): "auto" rounds fp32
+    inputs to bf16 under torch.autocast and otherwise follows torch's float32 matmul precision;
+    "ieee", "tf32", "bf16", "fp16" force one. Accumulation is fp32 in every case; the gradient
+    comes back in z's dtype.
     backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (interpreter on CPU), "torch".
     """
     if z.dim() != 2:
@@ -397,16 +418,15 @@ def nt_xent(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = N
     elif labels.shape != (z.shape[0],):
         raise ValueError(f"labels must be ({z.shape[0]},), got {tuple(labels.shape)}")
     else:
-        # Dense ids 0..G-1 for the label sums (a host sync on CUDA; default labels skip it).
-        uniq, groups = torch.unique(labels, return_inverse=True)
-        num_groups = uniq.numel()
+        groups, num_groups = dense_groups(labels), z.shape[0]
     triton_path = _backend.use_triton(backend, z, groups)
     rows = _anchor_set(anchors, z.shape[0], z.device)
+    dot_dt, prec = _backend.dot_dtype(precision, z)
     if triton_path:
         _backend.check_triton_inputs(z.shape[1], z)
         if z.stride(1) != 1:
             z = z.contiguous()
-    return _NTXent.apply(z, groups, num_groups, float(temperature), triton_path, rows)
+    return _NTXent.apply(z, groups, num_groups, float(temperature), triton_path, rows, dot_dt, prec)
 
 
 def nt_xent_ref(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = None, *,

@@ -337,3 +337,121 @@ def test_mode_is_explicit_not_guessed_from_the_recipe_name(converted):
     tr.close()
     with pytest.raises(ValueError, match="mode"):
         build_loader(data, recipe="eval", batch_size=8, image_size=S, mode="val")
+
+
+# -- the fused (GPU) DALI graph, run with CPU operators; device plumbing; batched reads -------------
+def test_fused_graph_matches_the_views_graph(converted):
+    """The GPU code path (decode + resize in DALI on its pipelined executor, photometric in torch),
+    run with CPU operators: same samples, labels and records as the CPU views path, nearly the same
+    pixels (both antialiased bilinear resizes), for train (continuous, two epochs) and eval."""
+    data, _ = _split(converted)
+    for mode, recipe in (("train", "simclr"), ("eval", "eval")):
+        kw = dict(batch_size=8, image_size=S, seed=3, return_aug=True, mode=mode, recipe=recipe)
+        views = build_loader(data, **kw)
+        fused = build_loader(data, dali_graph="fused", **kw)
+        epochs = 2 if mode == "train" else 1
+        a = [b for _ in range(epochs) for b in views]
+        f = [b for _ in range(epochs) for b in fused]
+        assert len(a) == len(f) > 2
+        for ba, bf in zip(a, f):
+            assert torch.equal(ba.index, bf.index) and torch.equal(ba.label, bf.label)
+            for ra, rf in zip(ba.aug, bf.aug):
+                assert all(torch.equal(ra[k], rf[k]) for k in ra)
+            for va, vf in zip(ba.views, bf.views):
+                assert va.shape == vf.shape and (va - vf).abs().mean() < 0.08
+        views.close()
+        fused.close()
+
+
+@pytest.mark.parametrize("batch_size", [8, 64])
+def test_fused_graph_skips_a_corrupt_member(corrupt_split, converted, batch_size):
+    """A member that passes the marker check but fails DALI's decode: the pipelined graph is rebuilt,
+    the batches it held run again, the culprit is skipped and counted. batch_size 64 gives a single
+    batch: fewer than PIPELINE_DEPTH, so the graph starts padded."""
+    _, manifest, _ = converted
+    loader = build_loader(corrupt_split, recipe="eval", batch_size=batch_size, image_size=S, mode="eval",
+                          dali_graph="fused")
+    seen = torch.cat([b.index for b in loader]).tolist()
+    assert seen == [i for i in range(manifest["num_samples"]) if i != 5]
+    assert loader.stats["skipped"] == 1 and loader.stats["skipped_samples"][0][0] == 5
+    assert "entropy" in loader.stats["skipped_samples"][0][1]
+    loader.close()
+
+
+def test_fused_graph_is_refused_where_it_cannot_run(converted):
+    data, _ = _split(converted)
+    with pytest.raises(ValueError, match="dali_graph applies"):
+        build_loader(data, backend="ffcv", batch_size=8, image_size=S, dali_graph="fused")
+    with pytest.raises(ValueError, match="graph='bogus'"):
+        build_loader(data, batch_size=8, image_size=S, dali_graph="bogus")
+
+
+def test_dali_pipeline_gets_the_loaders_own_gpu():
+    """DALI's device_id comes from the indexed device (rank r's loader decodes on cuda:r) and the
+    fused graph runs on the pipelined executor; the views ring stays synchronous."""
+    from types import SimpleNamespace
+    from pipeline.loaders.dali import DaliBackend
+    fake = SimpleNamespace(device=torch.device("cuda", 1), batch_size=8, num_threads=3, fused=True,
+                           PIPELINE_DEPTH=DaliBackend.PIPELINE_DEPTH)
+    kw = DaliBackend.pipeline_kwargs(fake)
+    assert kw["device_id"] == 1 and kw["exec_pipelined"] and kw["exec_async"]
+    assert kw["prefetch_queue_depth"] == DaliBackend.PIPELINE_DEPTH
+    fake.device = torch.device("cuda")
+    with pytest.raises(ValueError, match="indexed CUDA device"):
+        DaliBackend.pipeline_kwargs(fake)
+    cpu = SimpleNamespace(device=torch.device("cpu"), batch_size=8, num_threads=2, fused=False)
+    kw = DaliBackend.pipeline_kwargs(cpu)
+    assert kw["device_id"] is None and not kw["exec_pipelined"]
+
+
+def test_unindexed_cuda_resolves_to_the_current_device(monkeypatch):
+    from pipeline.loaders.prefetch import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_producer_thread_makes_the_loaders_gpu_current(monkeypatch):
+    import threading
+    from pipeline.loaders.prefetch import prefetched
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append((threading.current_thread().name, d)))
+    assert list(prefetched(iter([1, 2, 3]), 2, "producer-x", torch.device("cuda", 2))) == [1, 2, 3]
+    assert seen == [("producer-x", torch.device("cuda", 2))]
+    seen.clear()
+    assert list(prefetched(iter([1]), 1, "producer-y", torch.device("cpu"))) == [1]
+    assert seen == []
+
+
+def test_read_many_equals_read(converted):
+    split_dir, manifest, _ = converted
+    idx = ShardIndex(split_dir)
+    n = manifest["num_samples"]
+    rng = np.random.default_rng(0)
+    for indices in (rng.permutation(n)[:20], np.arange(n), np.array([3, 3, n - 1, 0, 3])):
+        got = idx.read_many(indices)
+        for i, (data, label) in zip(indices.tolist(), got):
+            want = idx.read(i)
+            assert data.tobytes() == want[0] and label == want[1]
+    assert idx.read_many([]) == []
+    with pytest.raises(IndexError):
+        idx.read_many([n])
+    idx.close()
+
+
+def test_read_many_names_a_short_shard(converted, tmp_path):
+    split_dir, manifest, _ = converted
+    out = tmp_path / "train"
+    shutil.copytree(split_dir, out)
+    sh = manifest["shards"][-1]
+    tar = out / sh["tar"]
+    tar.write_bytes(tar.read_bytes()[:2048])
+    idx = ShardIndex(out)
+    with pytest.raises(ShardError, match="shorter than its index"):
+        idx.read_many(np.arange(sh["first_index"], sh["first_index"] + sh["num_samples"]))
+    idx.close()

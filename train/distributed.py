@@ -101,3 +101,28 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(x)
     return x
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A gloo process group over the same ranks, for small host-side exchanges (batch lengths):
+    on NCCL a collective of a CUDA tensor followed by .item() waits for everything queued on the
+    GPU before it; over gloo it costs a few microseconds of CPU and no wait. Created on first use,
+    which must happen on every rank at the same call (all callers are collective anyway)."""
+    global _HOST_GROUP
+    default = dist.distributed_c10d._get_default_group()
+    if _HOST_GROUP is None or _HOST_GROUP[0] is not default:  # a new default group: a new side group
+        group = default if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        _HOST_GROUP = (default, group)
+    return _HOST_GROUP[1]
+
+
+def all_gather_host_ints(n: int) -> list[int]:
+    """Every rank's int (rank order), exchanged on the host; [n] with one process."""
+    if world()[1] == 1:
+        return [n]
+    out = [torch.zeros(1, dtype=torch.int64) for _ in range(world()[1])]
+    dist.all_gather(out, torch.tensor([n], dtype=torch.int64), group=host_group())
+    return [int(t) for t in out]

@@ -29,7 +29,7 @@ from pipeline.loaders.batch import Batch
 from . import checkpoint as ckpt
 from .config import Config
 from .data import build_data
-from .distributed import all_gather_nograd, all_reduce_flag, all_reduce_sum
+from .distributed import all_gather_host_ints, all_gather_nograd, all_reduce_flag, all_reduce_sum
 from .knn import extract, knn_classify, split_holdout
 from .methods import get_method
 from .methods.base import EpochContext
@@ -86,7 +86,8 @@ class Trainer:
         if cfg.run.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
         method_cls = get_method(cfg.run.method)
-        self.data = build_data(cfg, method_cls, self.rank, self.world, self.device.type)
+        # the indexed device (cuda:<local rank>): an unindexed 'cuda' put every rank's decoding on GPU 0
+        self.data = build_data(cfg, method_cls, self.rank, self.world, str(self.device))
         self.loader = self.data.loader
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -114,6 +115,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed * 1000 + self.rank + 1)
         np.random.seed((cfg.run.seed * 1000 + self.rank + 1) % 2**32)
         self.state = State()
+        self._first_bad = self._bad_loss = self._probe_counts = None  # device-side, see _step
         self.metrics = Metrics(self.run_dir, self.acc.is_main_process)
         if cfg.run.resume:
             self._resume()
@@ -170,6 +172,8 @@ class Trainer:
 
     def save(self) -> Path:
         st = self.state
+        self._check_finite()  # a checkpoint never holds parameters updated from a non-finite loss
+        self._fold_probe()
         method = self.acc.unwrap_model(self.model)
         self._check_state_in_sync(method)
         state = {"model": method.state_dict(), "optimizer": self.opt.state_dict(),
@@ -205,7 +209,7 @@ class Trainer:
             if self.loader.batch == 0:
                 self._epoch_start(epoch, unwrapped)
             it = iter(self.loader)
-            t_prev = time.perf_counter()
+            t_prev, wait_s, logged_at = time.perf_counter(), 0.0, st.step
             while st.step < stop_at:
                 t0 = time.perf_counter()
                 batch = next(it, None)
@@ -214,16 +218,22 @@ class Trainer:
                 t_data = time.perf_counter() - t0
                 loss = self._step(batch, unwrapped)
                 t_now = time.perf_counter()
-                dt = t_now - t_prev
-                t_prev = t_now
+                wait_s += t_data
                 st.step += 1
-                row = {"kind": "train", "step": st.step, "epoch": epoch, "loss": loss,
-                       "lr": lr_at(self.lr, st.step - 1), "images_per_s": global_batch / max(dt, 1e-9),
-                       "data_wait_pct": 100.0 * t_data / max(dt, 1e-9)}
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.3g}", img_s=f"{row['images_per_s']:.0f}",
-                                wait=f"{row['data_wait_pct']:.0f}%")
                 if st.step % cfg.run.log_every == 0 or st.step == 1:
+                    # The only host reads of the step's results (loss, finiteness): between log steps
+                    # the loop queues work ahead of the GPU. Rates are over the interval, so they
+                    # measure the device's pace, not how fast the host enqueues.
+                    self._check_finite()
+                    n = st.step - logged_at
+                    dt = max(t_now - t_prev, 1e-9)
+                    row = {"kind": "train", "step": st.step, "epoch": epoch, "loss": self._loss_value(loss),
+                           "lr": lr_at(self.lr, st.step - 1), "images_per_s": n * global_batch / dt,
+                           "data_wait_pct": 100.0 * wait_s / dt}
+                    t_prev, wait_s, logged_at = t_now, 0.0, st.step
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}",
+                                    img_s=f"{row['images_per_s']:.0f}", wait=f"{row['data_wait_pct']:.0f}%")
                     self.metrics.log(row)
                     self.acc.log({k: v for k, v in row.items() if k != "kind"}, step=st.step)
                 if cfg.run.ckpt_every and st.step % cfg.run.ckpt_every == 0:
@@ -233,6 +243,7 @@ class Trainer:
             if self.loader.batch == 0 and self.loader.epoch == epoch + 1:  # the epoch finished
                 self._epoch_end(epoch)
         bar.close()
+        self._check_finite()
         if getattr(self, "_saved_step", None) != st.step:  # stopped by --max-steps mid-epoch
             self.save()
         return st.history
@@ -254,29 +265,37 @@ class Trainer:
         of the Batch is trimmed alike. Deterministic, so an exact resume still reproduces it."""
         if self.world == 1:
             return batch
-        n = len(batch)
-        m = int(all_gather_nograd(torch.tensor([n], device=self.device)).min().item())
+        m = min(all_gather_host_ints(len(batch)))  # over gloo: no wait on the GPU's queue
         return batch.take(m)
 
-    def _step(self, batch: Batch, unwrapped) -> float:
+    def _step(self, batch: Batch, unwrapped) -> torch.Tensor | None:
+        """One optimizer step; returns the detached loss, on the device (None if skipped).
+
+        Host syncs: with nan_policy 'skip' the loss must be read before the update (one sync per
+        step, inherent to skipping). With 'stop' (the default) finiteness is tracked on the device
+        and read at log steps, checkpoints and the end (`_check_finite`): the run stops there, naming
+        the first bad step, and no checkpoint is written from parameters a non-finite loss touched.
+        """
         st, cfg = self.state, self.cfg
         batch = self._equal_batch(batch).to(self.device, self.dtype)
         with self.acc.autocast():
             total, out = self.model(batch, st.step)
         loss = out.loss
-        bad = all_reduce_flag(not bool(torch.isfinite(total.detach()).item()), self.device)
-        if bad:
-            last = ckpt.latest_checkpoint(self.run_dir)
-            msg = (f"non-finite loss ({loss.item()}) at step {st.step} (epoch {self.loader.epoch}, batch "
-                   f"{self.loader.batch}); last good checkpoint: {last or 'none'}")
-            if cfg.run.nan_policy == "stop" or st.nan_skips >= cfg.run.max_nan_skips:
-                raise NonFiniteLoss(msg + ("" if cfg.run.nan_policy == "stop" else
-                                           f" (after {st.nan_skips} skipped steps)"))
-            st.nan_skips += 1
-            self.acc.print(f"skipping: {msg} [{st.nan_skips}/{cfg.run.max_nan_skips}]")
-            unwrapped.discard_deferred()
-            self._zero_grad()
-            return float("nan")
+        if cfg.run.nan_policy == "skip":
+            bad = all_reduce_flag(not bool(torch.isfinite(total.detach()).item()), self.device)
+            if bad:
+                last = ckpt.latest_checkpoint(self.run_dir)
+                msg = (f"non-finite loss ({loss.item()}) at step {st.step} (epoch {self.loader.epoch}, "
+                       f"batch {self.loader.batch}); last good checkpoint: {last or 'none'}")
+                if st.nan_skips >= cfg.run.max_nan_skips:
+                    raise NonFiniteLoss(msg + f" (after {st.nan_skips} skipped steps)")
+                st.nan_skips += 1
+                self.acc.print(f"skipping: {msg} [{st.nan_skips}/{cfg.run.max_nan_skips}]")
+                unwrapped.discard_deferred()
+                self._zero_grad()
+                return None
+        else:
+            self._track_finite(total.detach(), st.step)
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.lr, st.step)
         for e in self.extras:
@@ -291,10 +310,48 @@ class Trainer:
         self._zero_grad()
         unwrapped.after_step(st.step)
         unwrapped.run_deferred()
-        if "probe_correct" in out.logs:
-            st.probe[0] += int(out.logs["probe_correct"])
-            st.probe[1] += int(out.logs["probe_count"])
-        return float(self.acc.reduce(loss.detach().to(self.dtype or torch.float32), "mean").item())
+        if "probe_correct" in out.logs:  # counted on the device, folded into State at saves
+            counts = torch.stack([out.logs["probe_correct"], out.logs["probe_count"]]).to(torch.int64)
+            self._probe_counts = counts if self._probe_counts is None else self._probe_counts + counts
+        return loss.detach()
+
+    def _track_finite(self, total: torch.Tensor, step: int) -> None:
+        """First step whose loss was not finite, kept on the device (-1: none)."""
+        bad = torch.where(torch.isfinite(total), -1, step).to(torch.int64).reshape(1)
+        if self._first_bad is None:
+            self._first_bad = bad
+        else:
+            self._first_bad = torch.where(self._first_bad >= 0, self._first_bad, bad)
+        self._bad_loss = total if self._bad_loss is None else torch.where(
+            torch.isfinite(self._bad_loss), total, self._bad_loss)
+
+    def _check_finite(self) -> None:
+        """Raise NonFiniteLoss if any rank saw a non-finite loss since the start (nan_policy 'stop')."""
+        if self._first_bad is None:
+            return
+        first = self._first_bad
+        if self.world > 1:
+            first = torch.where(first < 0, torch.iinfo(torch.int64).max, first)
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+            first = torch.where(first == torch.iinfo(torch.int64).max, -1, first)
+        step = int(first.item())
+        if step < 0:
+            return
+        last = ckpt.latest_checkpoint(self.run_dir)
+        raise NonFiniteLoss(f"non-finite loss ({float(self._bad_loss)}) at step {step}, found at step "
+                            f"{self.state.step} (epoch {self.loader.epoch}); last good checkpoint: "
+                            f"{last or 'none'}")
+
+    def _fold_probe(self) -> None:
+        if self._probe_counts is not None:
+            c = self._probe_counts.tolist()
+            self.state.probe = [self.state.probe[0] + c[0], self.state.probe[1] + c[1]]
+            self._probe_counts = None
+
+    def _loss_value(self, loss: torch.Tensor | None) -> float:
+        if loss is None:
+            return float("nan")
+        return float(self.acc.reduce(loss.to(self.dtype or torch.float32), "mean").item())
 
     def _zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -304,6 +361,8 @@ class Trainer:
     def _epoch_end(self, epoch: int):
         cfg, st = self.cfg, self.state
         row = {"kind": "epoch", "step": st.step, "epoch": epoch}
+        self._check_finite()
+        self._fold_probe()
         if st.probe[1]:  # the probe's accuracy on this rank's training views over the epoch, all ranks
             c = all_reduce_sum(torch.tensor(st.probe, dtype=torch.float64, device=self.device))
             row["probe_train_top1"] = 100.0 * float(c[0]) / max(float(c[1]), 1.0)

@@ -58,13 +58,14 @@ from numba import njit
 from pipeline.views import torch_ops
 from pipeline.loaders.batch import Batch, aug_records
 from pipeline.loaders.prefetch import RawBatch, prefetched, take
-from pipeline.loaders.loader import ViewLoader, loader_setup
+from pipeline.loaders.loader import ViewLoader, _on, loader_setup
 from pipeline.views.params import sample_key, uniform, view_params
 from pipeline.views.recipes import RECIPES, eval_recipe, get_recipe, with_crop_min_scale, without_blur
 from pipeline.loaders.sampler import EpochSampler
 from pipeline.format.errors import BadSample
 from pipeline.views.spec import BlurSpec, CropSpec, JitterSpec, RecipeSpec, ViewSpec
-from pipeline.loaders.video_decode import DaliVideoDecoder, VideoIndex, crop_resize, make_decoder, pyav_decode
+from pipeline.loaders.video_decode import (DaliVideoDecoder, VideoIndex, crop_resize, crop_resize_torch, make_decoder,
+                                           pyav_decode)
 
 TEMPORAL_STREAM = 0x7E3A
 """Random stream of the temporal draws (clip c's spatial parameters use stream c)."""
@@ -272,15 +273,17 @@ def clip_photometric(clips: torch.Tensor, rec: dict, view: ViewSpec) -> torch.Te
     solar = np.asarray(rec["solarize"], bool)
     x = torch_ops.photometric(tall, {**rec, "solarize": np.zeros_like(solar)},
                               dataclasses.replace(view, blur=None))
-    sigma = torch.as_tensor(np.asarray(rec["blur_sigma"]), dtype=torch.float32, device=x.device)
-    if view.blur is not None and bool((sigma > 0).any()):
-        sel = (sigma > 0).nonzero().squeeze(1)
-        k = len(sel)
+    sigma = np.asarray(rec["blur_sigma"], np.float32)  # decisions on the host: no device read
+    if view.blur is not None and (sigma > 0).any():
+        sel_h = np.flatnonzero(sigma > 0)
+        sel = torch_ops._as(sel_h, x.device)
+        k = len(sel_h)
         xs = x[sel].view(k, 3, T, S, S).transpose(1, 2).reshape(k * T, 3, S, S)
-        xs = torch_ops.gaussian_blur(xs, sigma[sel].repeat_interleave(T), view.blur.kernel_size(S))
+        xs = torch_ops.gaussian_blur(xs, torch_ops._as(np.repeat(sigma[sel_h], T), x.device),
+                                     view.blur.kernel_size(S))
         x[sel] = xs.view(k, T, 3, S, S).transpose(1, 2).reshape(k, 3, T * S, S)
     if solar.any():
-        sol = torch.as_tensor(solar, device=x.device)
+        sol = torch_ops._as(solar, x.device)
         x = torch.where(sol[:, None, None, None] & (x >= view.solarize_threshold), 1 - x, x)
     return x.view(n, 3, T, S, S)
 
@@ -296,6 +299,7 @@ class ClipBackend:
             raise ValueError(f"num_workers={num_workers}: must be >= 1")
         self.index = VideoIndex(split_dir)
         self.spec, self.batch_size, self.seed, self.prefetch = spec, batch_size, seed, prefetch
+        self.device = torch.device(device)
         self.decoder = make_decoder(decoder, device, num_threads=num_workers, max_batch=batch_size)
         self.num_workers = num_workers
         self._pool: ThreadPoolExecutor | None = None
@@ -308,14 +312,21 @@ class ClipBackend:
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="clip-decode")
+            init = ((lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None)
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="clip-decode", initializer=init)
         return self._pool
 
-    def _crops(self, decoded: np.ndarray, needed: np.ndarray, params: list[dict], j: int) -> list[np.ndarray]:
+    def _crops(self, decoded, needed: np.ndarray, params: list[dict], j: int) -> list:
+        """Each view's frames of clip j, cropped and resized: numpy + PIL for host frames, torch on the
+        frames' device for tensors (the DALI GPU decoder's output stays on the GPU)."""
         out = []
         for c, view in enumerate(self.spec.views):
             pos = np.searchsorted(needed, params[c]["frames"][j])
-            out.append(crop_resize(decoded[pos], params[c]["crop"][j], view.size))
+            if isinstance(decoded, torch.Tensor):
+                sel = decoded[torch.from_numpy(pos).to(decoded.device, non_blocking=True)]
+                out.append(crop_resize_torch(sel, params[c]["crop"][j], view.size))
+            else:
+                out.append(crop_resize(decoded[pos], params[c]["crop"][j], view.size))
         return out
 
     def _pyav_task(self, i: int, needed: np.ndarray, params: list[dict], j: int):
@@ -379,7 +390,9 @@ class ClipBackend:
         crops = {}
         if len(results):
             for c in range(self.spec.num_clips):
-                crops[c] = torch.from_numpy(np.stack([r[c] for r in results]))
+                parts = [r[c] for r in results]
+                crops[c] = (torch.stack(parts) if isinstance(parts[0], torch.Tensor)
+                            else torch.from_numpy(np.stack(parts)))
         return RawBatch(crops=crops, index=keep_a, label=np.asarray(labels, np.int64), params=params,
                         skipped=skipped)
 
@@ -387,7 +400,7 @@ class ClipBackend:
         """RawBatches for `segments` ((epoch, index batches) pairs), produced by a thread up to `prefetch`
         ahead."""
         return prefetched((self.load(epoch, b) for epoch, batches in segments for b in batches), self.prefetch,
-                          "clip-producer")
+                          "clip-producer", self.device)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -425,7 +438,7 @@ class ClipLoader(ViewLoader):
             S, C = view.size, view.num_channels
             n = len(raw.index)
             if n:
-                x = clip_photometric(raw.crops[c].to(self.device), raw.params[c], view)  # (n, 3, T, S, S)
+                x = clip_photometric(_on(raw.crops[c], self.device), raw.params[c], view)  # (n, 3, T, S, S)
                 y = torch_ops.to_output(x.view(n, 3, T * S, S), view.color).view(n, C, T, S, S)
             else:
                 y = torch.zeros(0, C, T, S, S, device=self.device)
@@ -453,7 +466,7 @@ def build_clip_loader(data: str | Path, split: str = "train", recipe: str | Clip
     """
     spec = get_clip_recipe(recipe, image_size, frames, stride, blur)
     split_dir, dev, order = loader_setup(mode, data, split, device, shuffle, drop_last, continuous)
-    be = ClipBackend(split_dir, spec, batch_size=batch_size, decoder=decoder, device=device,
+    be = ClipBackend(split_dir, spec, batch_size=batch_size, decoder=decoder, device=dev,
                      num_workers=num_workers, seed=seed, prefetch=prefetch)
     sampler = EpochSampler(num_samples=be.index.num_samples, batch_size=batch_size, rank=rank,
                            world_size=world_size, seed=seed, shuffle=order["shuffle"], drop_last=order["drop_last"])

@@ -162,7 +162,7 @@ class FfcvBackend:
         """RawBatches for `segments` ((epoch, index batches) pairs), made by a thread up to `prefetch` ahead
         (ffcv's own threads decode; ours finishes the views and, at an epoch change, builds the next ffcv
         Loader while the consumer still has batches)."""
-        return prefetched(self._raw(segments), self.prefetch, "ffcv-producer")
+        return prefetched(self._raw(segments), self.prefetch, "ffcv-producer", self.device)
 
     def _raw(self, segments):
         for epoch, batches in segments:

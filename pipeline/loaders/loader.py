@@ -43,7 +43,7 @@ import torch
 
 from pipeline.views import torch_ops
 from pipeline.loaders.batch import Batch, aug_records
-from pipeline.loaders.prefetch import RawBatch
+from pipeline.loaders.prefetch import RawBatch, resolve_device
 from pipeline.views.recipes import get_recipe
 from pipeline.loaders.sampler import EpochSampler
 from pipeline.format.errors import ShardError
@@ -140,12 +140,12 @@ class ViewLoader:
         views, done = [], {}
         for v, view in enumerate(self.recipe.views):
             if v in raw.views:
-                views.append(raw.views[v].to(self.device))
+                views.append(_on(raw.views[v], self.device))
                 continue
             s = self.recipe.param_stream(v)
             if s not in done:
                 if len(raw.index):
-                    done[s] = torch_ops.photometric(raw.crops[s].to(self.device), raw.params[v], view)
+                    done[s] = torch_ops.photometric(_on(raw.crops[s], self.device), raw.params[v], view)
                 else:
                     done[s] = torch.zeros(0, 3, view.size, view.size, device=self.device)
             views.append(torch_ops.to_output(done[s], view.color))
@@ -158,12 +158,24 @@ class ViewLoader:
         self.backend.close()
 
 
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A producer's tensor on the consumer's device and stream. Host tensors are copied non_blocking
+    (from pageable memory CUDA stages them at once: no wait for the GPU's queue). Tensors the
+    producer made on the GPU (on its own stream, synchronised there) are marked as used by this
+    stream, so the caching allocator does not hand their memory back to the producer's stream while
+    this one still reads it."""
+    if t.is_cuda:
+        t.record_stream(torch.cuda.current_stream(t.device))
+        return t.to(device)
+    return t.to(device, non_blocking=True)
+
+
 def build_loader(data: str | Path, split: str = "train", recipe: str | RecipeSpec = "simclr",
                  backend: str = "dali", *, batch_size: int, image_size: int = 224, rank: int = 0,
                  world_size: int = 1, seed: int = 0, device: str = "cpu", num_threads: int = 2,
                  mode: str = "train", shuffle: bool | None = None, drop_last: bool | None = None,
                  return_aug: bool = False, validate: str = "markers", prefetch: int = 2,
-                 continuous: bool | None = None) -> ViewLoader:
+                 continuous: bool | None = None, dali_graph: str | None = None) -> ViewLoader:
     """A multi-view loader over OUT/<split> (see the module docstring).
 
     recipe: a name of pipeline.RECIPES (built at `image_size`) or a RecipeSpec. backend: "dali" (shards
@@ -172,19 +184,24 @@ def build_loader(data: str | Path, split: str = "train", recipe: str | RecipeSpe
     order, nothing dropped, read once): the defaults of shuffle / drop_last / continuous; each can be
     set on its own. validate: "markers" (structural JPEG check, cheap) or "decode" (also a strict
     decode; DALI). continuous: keep reading into the next epoch when one ends (see the module docstring).
+    dali_graph: "fused" (DALI decodes and resizes, on its pipelined executor: the GPU graph, also
+    runnable on the CPU) or "views" (CPU: DALI decodes, cpu_views cuts; the faster CPU path);
+    default: fused on CUDA, views on the CPU.
     """
     spec = get_recipe(recipe, image_size)
     split_dir, dev, order = loader_setup(mode, data, split, device, shuffle, drop_last, continuous)
     if backend == "dali":
         from pipeline.loaders.dali import DaliBackend
-        be = DaliBackend(split_dir, spec, batch_size=batch_size, device=device, num_threads=num_threads,
-                         seed=seed, validate=validate, prefetch=prefetch)
+        be = DaliBackend(split_dir, spec, batch_size=batch_size, device=dev, num_threads=num_threads,
+                         seed=seed, validate=validate, prefetch=prefetch, graph=dali_graph)
         n = be.index.num_samples
     elif backend == "ffcv":
+        if dali_graph is not None:
+            raise ValueError("dali_graph applies to backend='dali' only")
         if validate != "markers":
             raise ValueError("backend='ffcv' supports validate='markers' only")
         from pipeline.loaders.ffcv import FfcvBackend
-        be = FfcvBackend(split_dir, spec, batch_size=batch_size, device=device, num_threads=num_threads,
+        be = FfcvBackend(split_dir, spec, batch_size=batch_size, device=dev, num_threads=num_threads,
                          seed=seed, prefetch=prefetch)
         n = len(be.widths)
     else:
@@ -208,8 +225,6 @@ def loader_setup(mode: str, data, split: str, device: str, shuffle: bool | None,
     split_dir = Path(data) / split
     if not split_dir.is_dir():
         raise ShardError(f"{split_dir} does not exist: no converted split {split!r} under {data}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    dev = resolve_device(device)
     pick = lambda v: train if v is None else bool(v)  # noqa: E731
     return split_dir, dev, {"shuffle": pick(shuffle), "drop_last": pick(drop_last), "continuous": pick(continuous)}

@@ -311,8 +311,28 @@ class DaliVideoDecoder:
         pipe.feed_input("frames", [np.asarray(f, np.int32) for f in frames])
         (out,) = pipe.run()
         if self.gpu:
-            out = out.as_cpu()
+            return self._to_torch(out, n)
         return [np.array(out[i]) for i in range(n)]
+
+    def _to_torch(self, out, n: int) -> list:
+        """NVDEC's frames stay on the GPU: each clip copied into a torch uint8 (T, H, W, 3) tensor on
+        a side stream (synchronised before DALI reuses its buffers); the loader crops and resizes them
+        there (crop_resize_torch). Copying them to the host and resizing with PIL cost a PCIe round
+        trip and a CPU resize per frame."""
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        dev = torch.device("cuda", self.device_id)
+        if getattr(self, "_stream", None) is None:
+            self._stream = torch.cuda.Stream(dev)
+        clips = []
+        with torch.cuda.stream(self._stream):
+            for i in range(n):
+                t = out[i]
+                dst = torch.empty(t.shape(), dtype=torch.uint8, device=dev)
+                feed_ndarray(t, dst, cuda_stream=self._stream)
+                clips.append(dst)
+        self._stream.synchronize()
+        return clips
 
     def decode_batch(self, datas, frames) -> list:
         if not datas:
@@ -342,13 +362,27 @@ def make_decoder(name: str, device: str = "cpu", num_threads: int = 2, max_batch
         return PyAVDecoder()
     if name == "dali":
         import torch
-        dev = torch.device(device)
+        from pipeline.loaders.prefetch import resolve_device
+        dev = resolve_device(device) if torch.device(device).type == "cuda" and torch.cuda.is_available() \
+            else torch.device(device)
         return DaliVideoDecoder(device=str(dev), num_threads=num_threads, max_batch=max_batch,
-                                device_id=dev.index or 0)
+                                device_id=dev.index if dev.index is not None else 0)
     raise KeyError(f"unknown video decoder {name!r}; known: {', '.join(DECODERS)}")
 
 
 # -- crop + resize ---------------------------------------------------------------------------------
+def crop_resize_torch(frames, box, size: int):
+    """torch uint8 (T, H, W, 3) frames on any device -> uint8 (T, size, size, 3): the box (top, left,
+    h, w) of every frame, antialiased bilinear (torch's antialias follows PIL's filter, so this
+    matches crop_resize to a level or so). The GPU path's resize: frames never leave the device."""
+    import torch
+    import torch.nn.functional as F
+    top, left, h, w = (int(v) for v in box)
+    x = frames[:, top:top + h, left:left + w].permute(0, 3, 1, 2).to(torch.float32)
+    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def crop_resize(frames: np.ndarray, box, size: int) -> np.ndarray:
     """uint8 (T, H, W, 3) frames -> uint8 (T, size, size, 3): the box (top, left, h, w) of every frame,
     resized with PIL's antialiased bilinear filter."""

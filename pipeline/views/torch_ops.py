@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +29,22 @@ _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263]
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
-def _as(t, device, dtype=None):
+def _host(t) -> np.ndarray:
+    """A record field on the host. Records are numpy (pipeline.views.params), so every decision of
+    `photometric` (which samples flip, which RandAugment op, who is blurred) is made here with no
+    device read; a record already on the GPU costs one copy back."""
     if isinstance(t, torch.Tensor):
-        return t.to(device=device, dtype=dtype or t.dtype)
-    return torch.as_tensor(t, device=device, dtype=dtype)
+        return t.detach().cpu().numpy()
+    return np.asarray(t)
+
+
+def _as(t, device, dtype=None):
+    """A record field (or host index array) on `device`. Host to GPU copies are non_blocking: from
+    pageable memory CUDA stages the bytes at once, so this neither waits for the GPU's queue nor
+    reads freed memory later; a blocking copy would synchronise the stream."""
+    if isinstance(t, torch.Tensor):
+        return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
+    return torch.from_numpy(np.ascontiguousarray(t)).to(device=device, dtype=dtype, non_blocking=True)
 
 
 def color_affine(rec: dict, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +82,20 @@ def color_affine(rec: dict, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch
     A = torch.where(gray[:, None, None], ones_w @ A, A)
     b = torch.where(gray[:, None], (ones_w @ b[:, :, None]).squeeze(-1), b)
     return A, b
+
+
+def color_affine_parts(rec: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B), float64 on CPU, with color_affine(rec, m) == (A, B @ m) for every mean colour m: the
+    offset is linear in the mean (each op maps (b, m) linearly, b starting at 0), so B's columns are
+    the offsets for the unit means. Lets the GPU path apply jitter without reading the means back."""
+    n = len(_host(rec["gray"]))
+    cols = []
+    for j in range(3):
+        basis = torch.zeros(n, 3, dtype=torch.float64)
+        basis[:, j] = 1.0
+        A, b = color_affine(rec, basis)
+        cols.append(b)
+    return A, torch.stack(cols, 2)
 
 
 def _blur_matrix(sigma: torch.Tensor, size: int, ksize: int, dtype) -> torch.Tensor:
@@ -184,28 +211,31 @@ def photometric(img: torch.Tensor, rec: dict, view: ViewSpec) -> torch.Tensor:
     RandAugment, blur and solarize applied as recorded. Colour space / normalization: `to_output`."""
     dev = img.device
     x = img.permute(0, 3, 1, 2).to(torch.float32).div_(255)
-    flip = _as(rec["flip"], dev, torch.bool)
+    flip = _host(rec["flip"]).astype(bool)
     if flip.any():
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    if bool(rec["jitter_on"].any()) or bool(rec["gray"].any()):
-        A, b = color_affine(rec, x.mean((2, 3)).cpu())
+        x = torch.where(_as(flip, dev)[:, None, None, None], x.flip(-1), x)
+    if _host(rec["jitter_on"]).any() or _host(rec["gray"]).any():
+        A, B = color_affine_parts(rec)  # out = A x + B mean(x), the mean taken on the device
         n, _, h, w = x.shape
-        x = torch.baddbmm(b.to(dev, torch.float32)[:, :, None], A.to(dev, torch.float32),
+        b = torch.bmm(_as(B, dev), x.mean((2, 3)).to(torch.float64)[:, :, None])
+        x = torch.baddbmm(b.to(torch.float32), _as(A, dev, torch.float32),
                           x.reshape(n, 3, h * w)).reshape(n, 3, h, w).clamp_(0, 1)
     if view.randaugment is not None:
-        ops, mags = _as(rec["ra_ops"], dev), _as(rec["ra_mag"], dev, torch.float32)
+        ops, mags = _host(rec["ra_ops"]), _host(rec["ra_mag"]).astype(np.float32)
         for k in range(ops.shape[1]):
             for j, name in enumerate(view.randaugment.ops):
-                sel = (ops[:, k] == j).nonzero().squeeze(1)
+                sel = np.flatnonzero(ops[:, k] == j)
                 if len(sel) and name != "identity":
-                    x[sel] = randaugment_op(name, x[sel], mags[sel, k])
-    sigma = _as(rec["blur_sigma"], dev, torch.float32)
-    if view.blur is not None and bool((sigma > 0).any()):
-        sel = (sigma > 0).nonzero().squeeze(1)
-        x[sel] = gaussian_blur(x[sel], sigma[sel], view.blur.kernel_size(view.size))
-    sol = _as(rec["solarize"], dev, torch.bool)
+                    idx = _as(sel, dev)
+                    x[idx] = randaugment_op(name, x[idx], _as(mags[sel, k], dev))
+    sigma = _host(rec["blur_sigma"]).astype(np.float32)
+    if view.blur is not None and (sigma > 0).any():
+        sel = np.flatnonzero(sigma > 0)
+        idx = _as(sel, dev)
+        x[idx] = gaussian_blur(x[idx], _as(sigma[sel], dev), view.blur.kernel_size(view.size))
+    sol = _host(rec["solarize"]).astype(bool)
     if sol.any():
-        x = torch.where(sol[:, None, None, None] & (x >= view.solarize_threshold), 1 - x, x)
+        x = torch.where(_as(sol, dev)[:, None, None, None] & (x >= view.solarize_threshold), 1 - x, x)
     return x
 
 

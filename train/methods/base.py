@@ -295,10 +295,10 @@ class Queue(nn.Module):
         queue holds: the newest `size` stay, where a sequential write would have left them."""
         k = all_gather_nograd(k.detach().to(self.keys.dtype))
         n, size = k.shape[0], self.keys.shape[0]
-        p = int(self.ptr)
+        p = self.ptr  # stays on the device: reading it would be a host sync per step
         start = p
         if n > size:
-            k, start = k[n - size:], (p + n - size) % size
+            k, start = k[n - size:], (p + (n - size)) % size
         idx = (start + torch.arange(k.shape[0], device=k.device)) % size
         self.keys[idx] = k
-        self.ptr.fill_((p + n) % size)
+        self.ptr.copy_((p + n) % size)

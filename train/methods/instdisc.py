@@ -37,14 +37,24 @@ class BankState(nn.Module):
         register_state(self, "bank", init_bank(n, d))
         register_state(self, "Z", torch.full((), -1.0))
 
+    def z_known(self) -> bool:
+        """Whether Z holds an estimate (it starts at -1). Reading the buffer is a host sync, so the
+        answer is cached until the buffer changes: a new tensor or a new version (a checkpoint load
+        or the estimate writes it in place)."""
+        seen = (id(self.Z), self.Z._version)
+        if getattr(self, "_z_seen", None) != seen:
+            self._z_known, self._z_seen = bool(float(self.Z) >= 0), seen
+        return self._z_known
+
     def loss(self, q, index, k, temperature, mode):
         neg = torch.randint(0, self.bank.shape[0], (q.shape[0], k), device=q.device)
-        z = None if mode == "softmax" or float(self.Z) < 0 else self.Z
+        estimate = mode == "nce" and not self.z_known()
+        z = None if mode == "softmax" or estimate else self.Z
         loss, z_new = bank_loss(q, self.bank, index, neg, temperature, mode, z)
-        if mode == "nce" and float(self.Z) < 0:
+        if estimate:
             # Every process estimates Z from its batch; average so that all keep the same constant.
             zs = all_gather_nograd(z_new.reshape(1).float())
-            self.Z.fill_(float(zs.mean()))
+            self.Z.copy_(zs.mean())
         return loss
 
     @torch.no_grad()

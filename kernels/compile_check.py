@@ -1,0 +1,219 @@
+"""Cross-compile every Triton kernel variant, with every config the tuner can pick, for a GPU that
+is not here (default sm_90: H100 / H200), and read the compiler's resource report.
+
+    python -m kernels.compile_check            # table of every (variant, config): smem, regs, spills
+    python -m kernels.compile_check --csv out.csv
+
+Triton ships ptxas, so no GPU or driver is needed. The variants are found by running the public
+functions on tiny CPU inputs under the interpreter with a hook that records each kernel launch
+(arguments and constexprs), over every dtype / precision (bf16, fp32-tf32, fp32-IEEE), both row
+widths the tile tables distinguish (BLOCK_D 128 and 256), every anchor / queue / bank mode and with
+and without gradients. Each variant is then compiled with each config `TritonKernel.candidates`
+admits for it; the -v log of triton's own ptxas run gives registers and spill bytes, triton's
+metadata the shared memory. This is what the interpreter cannot check (bf16 tl.dot, tensor-core instructions, register
+pressure, shared-memory fit) and the best GPU check a CPU-only CI has.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import kernels
+
+from . import _backend
+
+# Spill stores (bytes per thread) tolerated in an admitted config: a few hundred bytes stay in L1.
+SPILL_LIMIT = 512
+DIMS = (128, 256)
+CASES = (("bf16", torch.bfloat16, "auto"), ("tf32", torch.float32, "tf32"),
+         ("ieee", torch.float32, "ieee"))
+
+
+@dataclass
+class Variant:
+    """One compiled form of a kernel: its runtime-argument types and constexprs."""
+    kernel: _backend.TritonKernel
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    elem: int
+    case: str = ""
+    calls: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        flags = ",".join(f"{k}={v}" for k, v in sorted(self.constexprs.items())
+                         if k not in ("UPCAST",))
+        return f"{self.kernel.fn.__name__}[{self.case}:{flags}]"
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                      torch.int64: "i64", torch.int32: "i32"}[value.dtype]
+    if isinstance(value, float):
+        return "fp32"
+    if isinstance(value, int):
+        return "i64" if abs(value) >= 2**31 else "i32"
+    raise TypeError(f"kernel argument of type {type(value)}")
+
+
+def _calls(dtype, d: int, precision: str) -> list[tuple[str, Any]]:
+    """Every public entry point once per launch-relevant mode, on tiny inputs."""
+    g = torch.Generator().manual_seed(0)
+
+    def unit(n, grad=False):
+        x = F.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+        return x.requires_grad_(grad)
+
+    def nt(anchors):
+        z = unit(24, True)
+        kernels.nt_xent(z, 0.1, anchors=anchors, precision=precision, backend="triton").backward()
+
+    def info(queue, grad_k):
+        q, k = unit(16, True), unit(16, grad_k)
+        kernels.info_nce(q, k, None if not queue else unit(40), temperature=0.1,
+                         precision=precision, backend="triton").backward()
+
+    def bank(mode, grad, z):
+        bank_rows = unit(100)
+        pos = torch.randint(0, 100, (8,), generator=g)
+        neg = torch.randint(0, 100, (8, 50), generator=g)
+        q = unit(8, grad)
+        out = kernels.bank_nce(q, bank_rows, pos, neg, 0.1, mode, z, backend="triton")
+        if grad:
+            out.loss.backward()
+
+    def update():
+        bank_rows = unit(100)
+        kernels.bank_update(bank_rows, torch.randint(0, 100, (8,), generator=g), unit(8), 0.5,
+                            backend="triton")
+
+    out = [("nt_xent", lambda: nt(None)), ("nt_xent anchors=slice", lambda: nt(slice(4, 12))),
+           ("nt_xent anchors=index", lambda: nt(torch.tensor([1, 5, 7, 20])))]
+    out += [(f"info_nce queue={qu} grad_k={gk}", lambda qu=qu, gk=gk: info(qu, gk))
+            for qu in (True, False) for gk in (True, False)]
+    if precision in ("auto", "ieee"):  # the bank kernels have no dot: once per dtype is enough
+        out += [(f"bank_nce {m} grad={gr} Z={z}", lambda m=m, gr=gr, z=z: bank(m, gr, z))
+                for m in ("softmax", "nce") for gr in (True, False)
+                for z in ((None, 100.0) if m == "nce" else (None,))]
+        out.append(("bank_update", update))
+    return out
+
+
+def launch_variants(dims=DIMS, cases=CASES) -> list[Variant]:
+    """The distinct (kernel, signature, constexprs) the public functions launch."""
+    found: dict[tuple, Variant] = {}
+    original = _backend.TritonKernel.__call__
+    current = {}
+
+    def record(self, grid, *args, device_tensor, **kwargs):
+        params = self.params
+        constexprs = {k: v for k, v in kwargs.items()}
+        constexprs["UPCAST"] = False if "UPCAST" in constexprs else None  # the GPU takes bf16 dots
+        constexprs = {k: v for k, v in constexprs.items() if v is not None}
+        named = dict(zip(params, args))
+        signature = {p: _arg_type(v) for p, v in named.items()}
+        signature.update({p: "constexpr" for p in constexprs})
+        elem = named[self.dtype_arg].element_size()
+        key = (self.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())))
+        v = found.setdefault(key, Variant(self, signature, constexprs, elem, current["case"]))
+        v.calls.append(current["call"])
+        return original(self, grid, *args, device_tensor=device_tensor, **kwargs)
+
+    _backend.TritonKernel.__call__ = record
+    try:
+        for d in dims:
+            for case, dtype, precision in cases:
+                for name, call in _calls(dtype, d, precision):
+                    current.update(case=f"{case},d={d}", call=name)
+                    call()
+    finally:
+        _backend.TritonKernel.__call__ = original
+    return list(found.values())
+
+
+def parse_ptxas(text: str) -> dict[str, int]:
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
+    if not regs:
+        raise RuntimeError(f"no register count in the ptxas log: {text[-500:]!r}")
+    return {"regs": max(regs), "spill_bytes": max(spills, default=0)}
+
+
+def compile_config(variant: Variant, cfg: triton.Config, arch: int = 90) -> dict[str, Any]:
+    """Compile one (variant, config) for sm_<arch> and report its resources. The register and spill
+    counts come from the ptxas run triton itself makes (its flags, its -v log), so they are the
+    compiled kernel's, not a re-run's."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    constexprs = {**variant.constexprs, **cfg.kwargs}
+    signature = {**variant.signature, **{k: "constexpr" for k in cfg.kwargs}}
+    knobs = triton.knobs
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        # always_compile: a cached kernel would skip ptxas and leave no log
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
+        src = ASTSource(fn=triton.jit(variant.kernel.fn), signature=signature, constexprs=constexprs)
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": cfg.num_warps,
+                                               "num_stages": cfg.num_stages,
+                                               **_backend.COMPILE_OPTIONS})
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+    seconds = time.perf_counter() - t0
+    ptx = compiled.asm["ptx"]
+    return {"variant": variant.name, "config": _config_name(cfg), "shared": compiled.metadata.shared,
+            **parse_ptxas(log.getvalue()), "wgmma": "wgmma" in ptx, "mma": "mma" in ptx,
+            "compile_s": round(seconds, 2)}
+
+
+def _config_name(cfg: triton.Config) -> str:
+    kw = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"{kw},w={cfg.num_warps},s={cfg.num_stages}"
+
+
+def admitted(variant: Variant) -> list[triton.Config]:
+    k = variant.kernel
+    if len(k.configs) == 1:
+        return list(k.configs)
+    return k.candidates(variant.constexprs, variant.elem)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90)")
+    parser.add_argument("--csv", default=None, help="also write the rows to this CSV")
+    args = parser.parse_args(argv)
+    rows = []
+    for v in launch_variants():
+        for cfg in admitted(v):
+            row = compile_config(v, cfg, args.arch)
+            rows.append(row)
+            print(" ".join(f"{k}={row[k]}" for k in row), flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    bad = [r for r in rows if r["shared"] > _backend.SMEM_LIMIT or r["spill_bytes"] > SPILL_LIMIT]
+    print(f"{len(rows)} compiles, {len(bad)} over the limits", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
