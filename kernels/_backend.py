@@ -212,32 +212,54 @@ def dot_smem_bytes(elem: int, block_m: int, block_n: int, block_d: int, stages: 
 
 
 # Tiles of the tl.dot kernels (nt_xent, info_nce) as (BLOCK_M, BLOCK_N, warps, stages), per operand
-# class and BLOCK_D, read off sm_90 compiles (ptxas -v) of the heaviest of them, nt_xent's backward
-# (a BLOCK_M x BLOCK_D fp32 accumulator next to the logit tile): each entry fits SMEM_LIMIT and
-# spills at most a few hundred bytes there; the rest of the grid spilled up to 146 KB (fp32-IEEE
-# dots are FMA loops: only small tiles stay in registers). tests/test_kernels_backend.py compiles
-# every kernel variant with every admitted tile and asserts the limits.
-DOT_TILES: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
-    ("16bit", 128): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
-    ("16bit", 256): [(64, 32, 8, 2), (128, 64, 8, 2)],
-    ("tf32", 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2)],
-    ("tf32", 256): [(32, 32, 4, 2), (128, 32, 8, 3)],
-    ("ieee", 128): [(64, 32, 8, 2), (32, 32, 4, 2)],
-    ("ieee", 256): [(32, 32, 4, 2)],
+# class ("16bit", "tf32", "ieee"), BLOCK_D (<= 128 or 256) and kernel role: "lse" (a logsumexp
+# pass), "acc" (a BLOCK_M x BLOCK_D fp32 accumulator next to the logit tile: backward, softmax
+# sums), "acc_idx" (the same with gathered row / column indices, the local-anchor backward). Read
+# off sm_90 compiles of a 19-tile grid (triton 3.9, its ptxas with triton's flags): each entry fits
+# SMEM_LIMIT and spills at most 128 B (the IEEE FMA loops spill a little whatever the tile); the
+# grid's other tiles spilled up to 20 KB. tests/test_kernels_backend.py compiles every kernel
+# variant with every admitted tile and asserts the limits; `python -m kernels.compile_check`
+# prints the table for another toolchain (triton 3.6 ships an older ptxas: numbers move).
+_BIG = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
+DOT_TILES: dict[tuple[str, int, str], list[tuple[int, int, int, int]]] = {
+    ("16bit", 128, "lse"): _BIG,
+    ("16bit", 128, "acc"): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
+    ("16bit", 128, "acc_idx"): [(64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 4, 2), (32, 32, 4, 2)],
+    ("16bit", 256, "lse"): _BIG,
+    ("16bit", 256, "acc"): [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 3)],
+    ("16bit", 256, "acc_idx"): [(32, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 3), (16, 64, 4, 2)],
+    ("tf32", 128, "lse"): _BIG,
+    ("tf32", 128, "acc"): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2)],
+    ("tf32", 128, "acc_idx"): [(64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2)],
+    ("tf32", 256, "lse"): [(128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2)],
+    ("tf32", 256, "acc"): [(32, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 3)],
+    ("tf32", 256, "acc_idx"): [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+    ("ieee", 128, "lse"): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 2, 2)],
+    ("ieee", 128, "acc"): [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2)],
+    ("ieee", 128, "acc_idx"): [(16, 32, 4, 2), (32, 16, 4, 2)],
+    ("ieee", 256, "lse"): [(16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 2, 2)],
+    ("ieee", 256, "acc"): [(16, 16, 2, 2)],  # 16 x 32 and 32 x 16 spilled 7.5-10.8 KB
+    ("ieee", 256, "acc_idx"): [(16, 16, 2, 2)],
 }
 DOT_CONFIGS = [tile_config(*t) for t in dict.fromkeys(t for ts in DOT_TILES.values() for t in ts)]
 
 
-def dot_class(constexprs: dict[str, Any], elem: int) -> tuple[str, int]:
+def dot_class(constexprs: dict[str, Any], elem: int, role: str) -> tuple[str, int, str]:
     cls = "16bit" if elem == 2 else constexprs["PRECISION"]
-    return cls, 128 if constexprs["BLOCK_D"] <= 128 else 256
+    if role == "acc" and (constexprs.get("ROW_IDX") or constexprs.get("COL_IDX")):
+        role = "acc_idx"
+    return cls, 128 if constexprs["BLOCK_D"] <= 128 else 256, role
 
 
-def admit_dot(cfg: triton.Config, constexprs: dict[str, Any], elem: int) -> bool:
-    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    if (bm, bn, cfg.num_warps, cfg.num_stages) not in DOT_TILES[dot_class(constexprs, elem)]:
-        return False
-    return dot_smem_bytes(elem, bm, bn, constexprs["BLOCK_D"], cfg.num_stages) <= SMEM_LIMIT
+def admit_dot(role: str) -> Callable:
+    """The `admit` of a dot kernel of this role: its DOT_TILES entry, within the smem estimate."""
+    def admit(cfg: triton.Config, constexprs: dict[str, Any], elem: int) -> bool:
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        if (bm, bn, cfg.num_warps, cfg.num_stages) not in DOT_TILES[dot_class(constexprs, elem, role)]:
+            return False
+        return dot_smem_bytes(elem, bm, bn, constexprs["BLOCK_D"], cfg.num_stages) <= SMEM_LIMIT
+    admit.role = role
+    return admit
 
 
 def dot_meta(x: torch.Tensor, precision: str) -> dict[str, Any]:

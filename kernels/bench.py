@@ -39,19 +39,22 @@ MODES = ("fwd", "bwd", "fwd_bwd")
 IMAGENET = 1_281_167
 
 # Sizes per kernel: N = instances (nt_xent scores M = 2N rows) or batch, K = queue / negatives,
-# bank = memory-bank rows. "full" is the GPU grid of the targets; "small" fits a laptop CPU; "tiny"
-# is a smoke test.
+# bank = memory-bank rows. "full" is the GPU grid; "target" the sizes the project's speed targets
+# name (first entry) and a wider one (tools/gpu_check.py times these); "target1" the first alone;
+# "small" fits a laptop CPU; "tiny" is a smoke test.
 GRIDS: dict[str, dict[str, list[dict[str, int]]]] = {
     "nt_xent": {
         "tiny": [dict(N=64, d=32)],
         "small": [dict(N=n, d=128) for n in (512, 2048, 4096)],
         "full": [dict(N=n, d=d) for d in (128, 256) for n in (1024, 4096, 8192, 16384, 32768, 65536)],
+        "target": [dict(N=8192, d=128), dict(N=32768, d=128), dict(N=8192, d=256)],
     },
     "info_nce": {
         "tiny": [dict(N=32, K=256, d=32)],
         "small": [dict(N=n, K=k, d=128) for n, k in ((256, 4096), (1024, 16384), (4096, 16384))],
         "full": [dict(N=n, K=k, d=d) for d in (128, 256) for n in (1024, 8192, 65536)
                  for k in (4096, 16384, 65536)],
+        "target": [dict(N=8192, K=65536, d=128), dict(N=8192, K=65536, d=256)],
     },
     "bank_nce": {
         "tiny": [dict(N=8, K=128, d=32, bank=1000)],
@@ -59,8 +62,11 @@ GRIDS: dict[str, dict[str, list[dict[str, int]]]] = {
                                                                      (256, 8192))],
         "full": [dict(N=n, K=k, d=d, bank=IMAGENET) for d in (128, 256) for n in (256, 1024)
                  for k in (4096, 16384, 65536)],
+        "target": [dict(N=256, K=16384, d=128, bank=IMAGENET), dict(N=1024, K=65536, d=128, bank=IMAGENET)],
     },
 }
+for _grids in GRIDS.values():
+    _grids["target1"] = _grids["target"][:1]
 
 TEMPERATURE = 0.07
 MOMENTUM = 0.5
@@ -337,8 +343,9 @@ def main(argv=None) -> list[dict]:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", choices=("tiny", "small", "full"), default="small",
-                        help="size grid: small (CPU-sized, default), full (GPU targets), tiny")
+    parser.add_argument("--grid", choices=("tiny", "small", "full", "target", "target1"), default="small",
+                        help="size grid: small (CPU-sized, default), full (GPU grid), target (the speed "
+                             "targets' sizes), target1 (their first), tiny")
     parser.add_argument("--kernels", type=_csv_list(KERNELS), default=list(KERNELS),
                         help=f"comma list from {','.join(KERNELS)} (default: all)")
     parser.add_argument("--modes", type=_csv_list(MODES), default=list(MODES),

@@ -27,7 +27,8 @@ _LOG2E = 1.0 / math.log(2.0)
 _CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32}
 
 
-@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["N", "NC", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot("lse"), key=["N", "NC", "D"],
+               cpu_config=_CPU_CONFIG)
 def _lse_kernel(q_ptr, c_ptr, spos_ptr, lse_ptr, N, NC, D, stride_q, stride_c, scale2,
                 HAS_POS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -65,7 +66,8 @@ def _lse_kernel(q_ptr, c_ptr, spos_ptr, lse_ptr, N, NC, D, stride_q, stride_c, s
     tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
 
 
-@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["N", "NC", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot("acc"), key=["N", "NC", "D"],
+               cpu_config=_CPU_CONFIG)
 def _softmax_c_kernel(q_ptr, c_ptr, lse_ptr, out_ptr, N, NC, D, stride_q, stride_c, stride_o,
                       scale2, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -95,7 +97,8 @@ def _softmax_c_kernel(q_ptr, c_ptr, lse_ptr, out_ptr, N, NC, D, stride_q, stride
              mask=rmask[:, None] & dmask[None, :])
 
 
-@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["N", "NC", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot("acc"), key=["N", "NC", "D"],
+               cpu_config=_CPU_CONFIG)
 def _softmax_t_q_kernel(q_ptr, c_ptr, lse_ptr, out_ptr, N, NC, D, stride_q, stride_c, stride_o,
                         scale2, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -35,7 +35,8 @@ _LOG2E = 1.0 / math.log(2.0)
 _CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32}
 
 
-@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["n_rows", "M", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot("lse"), key=["n_rows", "M", "D"],
+               cpu_config=_CPU_CONFIG)
 def _nt_xent_fwd_kernel(z_ptr, lse_ptr, row_idx_ptr, row_start, n_rows, M, D, stride_z, scale2,
                         BLOCK_D: tl.constexpr, ROW_IDX: tl.constexpr, UPCAST: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -79,7 +80,8 @@ def _nt_xent_fwd_kernel(z_ptr, lse_ptr, row_idx_ptr, row_start, n_rows, M, D, st
     tl.store(lse_ptr + local, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
 
 
-@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot, key=["n_rows", "n_cols", "D"], cpu_config=_CPU_CONFIG)
+@triton_kernel(configs=_backend.DOT_CONFIGS, admit=_backend.admit_dot("acc"), key=["n_rows", "n_cols", "D"],
+               cpu_config=_CPU_CONFIG)
 def _nt_xent_bwd_kernel(z_ptr, lse_ptr, coef_ptr, dz_ptr, row_idx_ptr, row_start, n_rows,
                         col_idx_ptr, col_start, n_cols, D, stride_z, stride_dz, scale2, inv_t,
                         BLOCK_D: tl.constexpr, ROW_IDX: tl.constexpr, COL_IDX: tl.constexpr,

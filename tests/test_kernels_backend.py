@@ -1,19 +1,17 @@
 """Backend selection, interpreter wiring, and that every Triton kernel compiles for a real GPU.
 
-The cross-compile test needs no GPU: triton ships ptxas, so each kernel, launched the way the
-public functions launch it, is compiled to a Hopper (sm_90) cubin with its first CUDA autotune
-config. That checks the code path the interpreter cannot (bf16 tl.dot, loop-carried types,
-shared-memory fit).
+The cross-compile tests need no GPU: triton ships ptxas, so every kernel variant, launched the way
+the public functions launch it, is compiled to a Hopper (sm_90) cubin with every config the tuner
+may pick (kernels.compile_check). That checks what the interpreter cannot: bf16 / tf32 tl.dot on
+tensor cores, loop-carried types, shared-memory fit, registers and spills.
 """
 from __future__ import annotations
 
 import importlib
-import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 from triton.runtime.jit import JITFunction
 
 import kernels
@@ -74,38 +72,84 @@ def test_interpreter_patches_are_undone():
         assert [name for name, value in attrs.items() if now.get(name) is not value] == []
 
 
-def test_every_kernel_compiles_for_sm90(monkeypatch):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+@pytest.fixture(scope="module")
+def sm90_compiles():
+    """Every kernel variant the public functions launch (bf16, fp32-tf32, fp32-IEEE; BLOCK_D 128 and
+    256; every anchor / queue / bank mode; with and without gradients) compiled for sm_90 with every
+    config the tuner admits for it (kernels.compile_check), in two processes."""
+    compile_check = importlib.import_module("kernels.compile_check")
+    return compile_check.run(jobs=2)
 
-    launches = {}
-    original = backend_mod.TritonKernel.__call__
 
-    def record(self, grid, *args, device_tensor, **kwargs):
-        launches.setdefault(self.fn.__name__, (self, args, kwargs))
-        return original(self, grid, *args, device_tensor=device_tensor, **kwargs)
+def test_every_admitted_config_fits_sm90(sm90_compiles):
+    compile_check = importlib.import_module("kernels.compile_check")
+    rows = sm90_compiles
+    kernel_names = {r["variant"].split("[")[0] for r in rows}
+    assert len(kernel_names) == 7, sorted(kernel_names)
+    bad = [(r["variant"], r["config"], r["shared"], r["spill_bytes"]) for r in compile_check.over_limits(rows)]
+    assert bad == [], bad
 
-    monkeypatch.setattr(backend_mod.TritonKernel, "__call__", record)
-    small_calls(torch.bfloat16)
-    assert len(launches) == 7, sorted(launches)
 
-    def arg_type(value):
-        if isinstance(value, torch.Tensor):
-            return "*" + {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64",
-                          torch.int32: "i32"}[value.dtype]
-        return "fp32" if isinstance(value, float) else "i32"
+def test_smem_estimate_bounds_the_compiled_size(sm90_compiles):
+    """The pruning estimate is an upper bound: a config it admits never needs more than it said."""
+    dot = [r for r in sm90_compiles if r["smem_estimate"] != ""]
+    assert dot and all(r["shared"] <= r["smem_estimate"] for r in dot), \
+        [(r["variant"], r["config"], r["shared"], r["smem_estimate"]) for r in dot if r["shared"] > r["smem_estimate"]]
 
-    for name, (kernel, args, kwargs) in sorted(launches.items()):
-        params = list(inspect.signature(kernel.fn).parameters)
-        cfg = kernel.configs[0]
-        constexprs = {**kwargs, **cfg.kwargs}
-        # The interpreter upcasts bf16 for tl.dot; on the GPU the kernel takes bf16 directly.
-        constexprs = {k: (False if k == "UPCAST" else v) for k, v in constexprs.items()}
-        signature = {p: "constexpr" if p in constexprs else arg_type(v)
-                     for p, v in zip(params, list(args) + [constexprs.get(p) for p in params[len(args):]])}
-        source = ASTSource(fn=triton.jit(kernel.fn), signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                           **backend_mod.COMPILE_OPTIONS})
-        assert compiled.asm["cubin"], name
-        assert compiled.metadata.shared <= 227 * 1024, name  # H100/H200 shared memory per block
+
+def test_16bit_and_tf32_dots_use_tensor_cores(sm90_compiles):
+    """bf16 / tf32 operands compile to MMA instructions (wgmma for warp-group tiles); IEEE fp32 to FMA."""
+    for r in sm90_compiles:
+        v = r["variant"]
+        if "bank" in v:
+            continue
+        if "PRECISION=ieee" in v and v.split("[")[1].startswith("ieee"):
+            assert not r["mma"], (v, r["config"])
+        else:
+            assert r["mma"], (v, r["config"])
+    wg = [r for r in sm90_compiles if "bank" not in r["variant"] and "w=8" in r["config"]
+          and "BLOCK_M=128" in r["config"] and not r["variant"].split("[")[1].startswith("ieee")]
+    assert wg and all(r["wgmma"] for r in wg)
+
+
+def test_every_variant_has_an_admitted_config():
+    compile_check = importlib.import_module("kernels.compile_check")
+    for v in compile_check.launch_variants():
+        assert compile_check.admitted(v), v.name
+
+
+def test_config_choice_is_bucketed_pruned_and_cached(monkeypatch, tmp_path):
+    """Sizes in one power-of-two bucket share a choice; configs over the smem estimate are never
+    timed; INFOVIEW_TUNE=off takes the first admissible; INFOVIEW_TUNE_CACHE round-trips choices."""
+    nt = importlib.import_module("kernels.nt_xent")
+    k = nt._nt_xent_bwd_kernel
+    named = {"z_ptr": torch.empty(3, 128, dtype=torch.bfloat16), "n_rows": 5000, "n_cols": 8000, "D": 128}
+    cx = {"BLOCK_D": 128, "ROW_IDX": False, "COL_IDX": False, "UPCAST": False, "PRECISION": "ieee"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+    key_a = k.tune_key(named, cx)
+    assert key_a == k.tune_key({**named, "n_rows": 8191, "n_cols": 4097}, cx)
+    assert key_a != k.tune_key({**named, "n_rows": 8193}, cx)
+    wide = {**cx, "BLOCK_D": 256}
+    fp32 = k.candidates({**wide, "PRECISION": "tf32"}, 4)
+    assert fp32 and all(backend_mod.dot_smem_bytes(4, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 256, c.num_stages)
+                        <= backend_mod.SMEM_LIMIT for c in fp32)
+    assert len(fp32) < len(k.configs)
+    assert backend_mod.bucket(1) == 1 and backend_mod.bucket(1000) == 1024 and backend_mod.bucket(1024) == 1024
+
+
+def test_tune_cache_file_round_trips(monkeypatch, tmp_path):
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv("INFOVIEW_TUNE_CACHE", str(path))
+    monkeypatch.setattr(backend_mod, "_TUNED", {"k1": {"kwargs": {"BLOCK_M": 64}, "num_warps": 4, "num_stages": 2}})
+    monkeypatch.setattr(backend_mod, "_TUNE_FILE_LOADED", set())
+    backend_mod._save_tune_cache(path)
+    monkeypatch.setattr(backend_mod, "_TUNED", {})
+    backend_mod._load_tune_cache(path)
+    assert backend_mod._TUNED["k1"]["num_warps"] == 4
+    path.write_text("{not json")
+    monkeypatch.setattr(backend_mod, "_TUNE_FILE_LOADED", set())
+    with pytest.raises(RuntimeError, match="delete it to re-tune"):
+        backend_mod._load_tune_cache(path)
+    monkeypatch.setenv("INFOVIEW_TUNE", "sometimes")
+    with pytest.raises(ValueError, match="INFOVIEW_TUNE"):
+        backend_mod._tune_mode()
