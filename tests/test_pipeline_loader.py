@@ -363,11 +363,12 @@ def test_fused_graph_matches_the_views_graph(converted):
         fused.close()
 
 
-@pytest.mark.parametrize("batch_size", [8, 64])
+@pytest.mark.parametrize("batch_size", [2, 8, 64])
 def test_fused_graph_skips_a_corrupt_member(corrupt_split, converted, batch_size):
     """A member that passes the marker check but fails DALI's decode: the pipelined graph is rebuilt,
-    the batches it held run again, the culprit is skipped and counted. batch_size 64 gives a single
-    batch: fewer than PIPELINE_DEPTH, so the graph starts padded."""
+    the batches it held run again, the culprit is skipped and counted. batch_size 2 puts it in the
+    third batch (others in flight around it), 8 in the first, 64 gives a single batch: fewer than
+    PIPELINE_DEPTH, so the graph starts padded."""
     _, manifest, _ = converted
     loader = build_loader(corrupt_split, recipe="eval", batch_size=batch_size, image_size=S, mode="eval",
                           dali_graph="fused")

@@ -238,37 +238,44 @@ class DaliBackend:
         return self._raw(b, views=views)
 
     def _fused_batches(self, segments):
-        """RawBatches through the fused graph, PIPELINE_DEPTH in flight. On a decoder error the graph
-        is rebuilt and the batches it held are run again, the failing one without its culprits."""
+        """RawBatches through the fused graph, PIPELINE_DEPTH in flight. On a decoder error (raised by
+        whichever DALI call meets it first) the held batches are cleaned of their culprits, the graph
+        is rebuilt and they run again."""
         prepared = (self._prepare(epoch, b) for epoch, batches in segments for b in batches)
         pending: deque = deque()
         for b in prepared:
-            if not len(b["keep"]):
-                pending.append(b)  # nothing to decode: keeps its place in the order
-            else:
-                if self._graph is None:
-                    self._graph = ScheduledGraph(self._build(), self.PIPELINE_DEPTH)
-                self._graph.submit(self._feeds(b["encoded"], b["params"]))
-                pending.append(b)
+            pending.append(b)  # an empty batch too: it keeps its place in the order
+            if len(b["keep"]):
+                try:
+                    if self._graph is None:
+                        self._graph = ScheduledGraph(self._build(), self.PIPELINE_DEPTH)
+                    self._graph.submit(self._feeds(b["encoded"], b["params"]))
+                except Exception as e:
+                    self._recover(pending, e)
             while pending and (not len(pending[0]["keep"]) or self._graph.full()):
                 yield self._collect(pending)
         while pending:
             if len(pending[0]["keep"]):
-                self._graph.flush()
+                try:
+                    self._graph.flush()
+                except Exception as e:
+                    self._recover(pending, e)
+                    continue
             yield self._collect(pending)
 
     def _collect(self, pending: deque) -> RawBatch:
-        b = pending[0]
-        if not len(b["keep"]):
-            pending.popleft()
-            return self._raw(b)
-        try:
-            outs = self._graph.collect()
-        except Exception:
-            self._graph = None  # its state after an error is not to be trusted
-            if not self._drop_culprits(b):
-                raise
-            return self._resubmit(pending)
+        while True:
+            b = pending[0]
+            if not len(b["keep"]):
+                pending.popleft()
+                return self._raw(b)
+            try:
+                if not self._graph.started:
+                    self._graph.flush()
+                outs = self._graph.collect()
+                break
+            except Exception as e:
+                self._recover(pending, e)
         try:
             crops = self._crops(outs)
         finally:
@@ -276,15 +283,18 @@ class DaliBackend:
         pending.popleft()
         return self._raw(b, crops=crops)
 
-    def _resubmit(self, pending: deque) -> RawBatch:
-        """Run the held batches again on a fresh graph (the first one already cleaned)."""
+    def _recover(self, pending: deque, error: Exception) -> None:
+        """After a DALI error: drop the culprits of every held batch (a strict decode of each member),
+        rebuild the graph and feed the held batches again, in order. No culprit anywhere: the error
+        is not the data's, re-raised."""
+        self._graph = None  # its state after an error is not to be trusted
+        found = [self._drop_culprits(b) for b in pending if len(b["keep"])]
+        if not any(found):
+            raise error
         self._graph = ScheduledGraph(self._build(), self.PIPELINE_DEPTH)
         for b in pending:
             if len(b["keep"]):
                 self._graph.submit(self._feeds(b["encoded"], b["params"]))
-        if len(pending[0]["keep"]):
-            self._graph.flush()
-        return self._collect(pending)
 
     def _views_of(self, raw: RawBatch) -> RawBatch:
         """CPU: cut and finish the views of a decoded batch (pipeline.views.cpu_views)."""
