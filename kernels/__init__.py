@@ -9,13 +9,15 @@ them allocates an N x K logit matrix or a B x K x d gather.
     info_nce     MoCo (queue) or in-batch InfoNCE between queries and keys
     bank_nce     InstDisc / CMC memory-bank loss (softmax or CMC's NCE), bank rows gathered in-kernel
     bank_update  in-place momentum update of bank rows, duplicated indices averaged
+    ring_nce     InfoNCE with negatives from a window of similarity ranks (Ring / Ball, Wu et al.)
 """
 from .bank_nce import BankNCEOutput, bank_nce, bank_nce_ref
 from .bank_update import bank_update, bank_update_ref
 from .info_nce import info_nce, info_nce_ref
 from .nt_xent import nt_xent, nt_xent_ref
+from .ring_nce import ring_nce, ring_nce_ref
 
 __all__ = [
     "BankNCEOutput", "bank_nce", "bank_nce_ref", "bank_update", "bank_update_ref", "info_nce",
-    "info_nce_ref", "nt_xent", "nt_xent_ref",
+    "info_nce_ref", "nt_xent", "nt_xent_ref", "ring_nce", "ring_nce_ref",
 ]

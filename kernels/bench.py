@@ -8,7 +8,9 @@ Grid: provider x mode (fwd, bwd, fwd_bwd) x size. Providers on CUDA: "fused" (th
 "compile" (torch.compile of those same eager functions). On CPU the default providers are "chunked"
 (the chunked torch path of the same public functions) and "eager"; "compile" can be added with
 --providers. bank_nce is timed together with bank_update, as a CMC step (NCE loss + memory update),
-and its eager baseline is CMC's index_select + bmm + index_copy_.
+and its eager baseline is CMC's index_select + bmm + index_copy_. ring_nce (window (0.01, 0.1)) is
+compared with the N x K logits + topk + logsumexp a user would write; it has no Triton kernel yet,
+so its "fused" rows record that.
 
 Each row (median time, peak extra memory, device, versions, date) is appended to
 <out>/<kernel>.csv as soon as it is measured (a later failure loses nothing; a row that fails says
@@ -32,9 +34,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from . import bank_nce, bank_nce_ref, bank_update, info_nce, info_nce_ref, nt_xent, nt_xent_ref
+from . import bank_nce, bank_nce_ref, bank_update, info_nce, info_nce_ref, nt_xent, nt_xent_ref, ring_nce
+from .ring_nce import window
 
-KERNELS = ("nt_xent", "info_nce", "bank_nce")
+KERNELS = ("nt_xent", "info_nce", "bank_nce", "ring_nce")
 MODES = ("fwd", "bwd", "fwd_bwd")
 IMAGENET = 1_281_167
 
@@ -64,6 +67,12 @@ GRIDS: dict[str, dict[str, list[dict[str, int]]]] = {
                  for k in (4096, 16384, 65536)],
         "target": [dict(N=256, K=16384, d=128, bank=IMAGENET), dict(N=1024, K=65536, d=128, bank=IMAGENET)],
     },
+    "ring_nce": {  # Ring window (0.01, 0.1) over K candidates, the paper's default
+        "tiny": [dict(N=16, K=256, d=32)],
+        "small": [dict(N=256, K=k, d=128) for k in (16384, 65536)],
+        "full": [dict(N=n, K=k, d=d) for d in (128, 256) for n in (256, 1024) for k in (16384, 65536)],
+        "target": [dict(N=256, K=65536, d=128), dict(N=1024, K=65536, d=128)],
+    },
 }
 for _grids in GRIDS.values():
     _grids["target1"] = _grids["target"][:1]
@@ -83,7 +92,7 @@ def work(kernel: str, mode: str, case: dict, elem: int) -> tuple[float, float]:
         dots = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode] * m * m  # bwd: recompute + weighted sum
         io = {"fwd": m * d * elem + 4 * m, "bwd": m * d * (elem + 4) + 4 * m,
               "fwd_bwd": m * d * (elem + 4) + 8 * m}[mode]
-    elif kernel == "info_nce":
+    elif kernel in ("info_nce", "ring_nce"):
         n, k = case["N"], case["K"]
         dots = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode] * n * k
         io = (k + 2 * n) * d * elem + {"fwd": 0, "bwd": 2 * n * d * 4, "fwd_bwd": 2 * n * d * 4}[mode]
@@ -107,6 +116,18 @@ def _cmc_step(q, bank, pos, neg, Z):
         rows.mul_(MOMENTUM).add_(q.detach() * (1 - MOMENTUM))
         bank.index_copy_(0, pos, rows.div(rows.pow(2).sum(1, keepdim=True).pow(0.5)))
     return loss
+
+
+RING = (0.01, 0.1)
+
+
+def _ring_eager(q, k, c, temperature, lower, upper):
+    """What a user writes: the N x K logits, topk of the window's end, drop the inner ranks."""
+    lo, hi = window(c.shape[0], lower, upper)
+    s = q @ c.T / temperature
+    top = torch.topk(s, hi, dim=1).values[:, lo:]
+    s_pos = (q * k).sum(1) / temperature
+    return (torch.logsumexp(torch.cat([s_pos[:, None], top], 1), 1) - s_pos).mean()
 
 
 def _fused_step(backend):
@@ -141,6 +162,12 @@ def build(kernel: str, provider: str, case: dict, dtype, device):
         Z = float(case["bank"])  # fixed Z: every provider does the same work on every call
         ours = lambda: _fused_step(backend)(q, bank, pos, neg, Z)  # noqa: E731
         eager, args, kwargs, grads = _cmc_step, (q, bank, pos, neg, Z), {}, [q]
+    elif kernel == "ring_nce":
+        q = _unit(case["N"], case["d"], dtype, device, True)
+        k = _unit(case["N"], case["d"], dtype, device, True)
+        cands = _unit(case["K"], case["d"], dtype, device)
+        ours = lambda: ring_nce(q, k, cands, TEMPERATURE, *RING, backend=backend)  # noqa: E731
+        eager, args, kwargs, grads = _ring_eager, (q, k, cands, TEMPERATURE, *RING), {}, [q, k]
     else:
         raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
     if provider == "eager":

@@ -1,0 +1,118 @@
+"""kernels.ring_nce (Ring / Ball negatives by similarity rank) against a float64 sort-based reference.
+
+Inputs are drawn fresh per case (ties-free continuous scores), shapes are odd, temperatures span
+0.05-1, windows include (0, 1) (plain InfoNCE), (0, 0.1) (Ball), (0.01, 0.1) (Ring) and a wide one.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import kernels
+from kernel_helpers import LargestOutput, rel_err, unit
+
+ring_mod = importlib.import_module("kernels.ring_nce")
+backend_mod = importlib.import_module("kernels._backend")
+WINDOWS = [(0.0, 1.0), (0.0, 0.1), (0.01, 0.1), (0.3, 0.75)]
+
+
+def _case(seed, n=37, k=301, d=24, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    kk = torch.nn.functional.normalize(q + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
+    return [t.to(dtype).requires_grad_() for t in (q, kk, c)]
+
+
+def _grads(fn, q, k, c):
+    loss = fn(q, k, c)
+    gq, gk, gc = torch.autograd.grad(loss, (q, k, c))
+    return loss.detach(), gq, gk, gc
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=[f"{a}-{b}" for a, b in WINDOWS])
+@pytest.mark.parametrize("temperature", [0.05, 0.2, 1.0])
+def test_matches_float64_sort_reference(window, temperature):
+    lower, upper = window
+    q, k, c = _case(hash((window, temperature)) % 1000)
+    ours = _grads(lambda a, b, cc: kernels.ring_nce(a, b, cc, temperature, lower, upper), q, k, c)
+    ref = _grads(lambda a, b, cc: kernels.ring_nce_ref(a, b, cc, temperature, lower, upper), q, k, c)
+    assert abs(ours[0].item() - ref[0].item()) <= 1e-10 * max(1.0, abs(ref[0].item()))
+    for a, b in zip(ours[1:], ref[1:]):
+        assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("window", WINDOWS[1:3], ids=["ball", "ring"])
+def test_float32_against_float64(window):
+    q, k, c = _case(7, n=64, k=1000, d=32, dtype=torch.float32)
+    ours = _grads(lambda a, b, cc: kernels.ring_nce(a, b, cc, 0.1, *window), q, k, c)
+    ref = _grads(lambda a, b, cc: kernels.ring_nce_ref(a, b, cc, 0.1, *window, upcast=True), q, k, c)
+    assert abs(ours[0].item() - ref[0].item()) <= 1e-5 * abs(ref[0].item())
+    for a, b in zip(ours[1:], ref[1:]):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 1e-4
+
+
+def test_whole_window_is_info_nce_with_a_queue():
+    q, k, c = _case(3)
+    a = kernels.ring_nce(q, k, c.detach(), 0.2, 0.0, 1.0)
+    b = kernels.info_nce(q, k, c.detach(), temperature=0.2)
+    assert abs(a.item() - b.item()) < 1e-12
+    ga = torch.autograd.grad(a, (q, k))
+    gb = torch.autograd.grad(b, (q, k))
+    assert all(rel_err(x, y) < 1e-10 for x, y in zip(ga, gb))
+
+
+def test_window_keeps_exactly_the_ranks():
+    """A row's window holds floor(upper K) - floor(lower K) candidates: with the positive made
+    irrelevant (s+ far below), the loss is the LSE of exactly those ranks."""
+    q, k, c = _case(11, n=5, k=200)
+    lo, hi = ring_mod.window(200, 0.01, 0.1)
+    assert (lo, hi) == (2, 20)
+    s = (q @ c.T / 0.5).detach()
+    want = torch.logsumexp(torch.sort(s, 1, descending=True).values[:, lo:hi], 1)
+    low, high = ring_mod._thresholds(s.clone(), lo, hi)
+    kept = ((s >= low[:, None]) & (s < high[:, None])).sum(1)
+    assert kept.tolist() == [hi - lo] * 5
+    masked = ring_mod._masked(s.clone(), low, high)
+    torch.testing.assert_close(torch.logsumexp(masked, 1), want, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck():
+    q, k, c = _case(5, n=6, k=40, d=5)
+    assert torch.autograd.gradcheck(lambda a, b, cc: kernels.ring_nce(a, b, cc, 0.3, 0.05, 0.5), (q, k, c),
+                                    eps=1e-7, atol=1e-6)
+
+
+def test_chunked_never_holds_n_by_k(monkeypatch):
+    q, k, c = _case(9, n=50, k=500, d=8)
+    whole = _grads(lambda a, b, cc: kernels.ring_nce(a, b, cc, 0.1, 0.01, 0.1), q, k, c)
+    monkeypatch.setattr(backend_mod, "CHUNK_ELEMS", 1024)
+    with LargestOutput() as mode:
+        chunked = _grads(lambda a, b, cc: kernels.ring_nce(a, b, cc, 0.1, 0.01, 0.1), q, k, c)
+    assert mode.largest < 50 * 500
+    for a, b in zip(chunked, whole):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_autocast_rounds_operands_like_the_other_kernels():
+    q, k, c = _case(13, n=20, k=300, d=16, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = kernels.ring_nce(q, k, c, 0.1, 0.0, 0.2)
+    ref = kernels.ring_nce_ref(*(t.detach().bfloat16().double() for t in (q, k, c)), 0.1, 0.0, 0.2)
+    assert a.dtype == torch.float32 and abs(a.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_bad_arguments():
+    q, k, c = _case(1, n=4, k=10, d=3)
+    with pytest.raises(ValueError, match="lower < upper"):
+        kernels.ring_nce(q, k, c, 0.1, 0.5, 0.5)
+    with pytest.raises(ValueError, match="holds no rank"):
+        kernels.ring_nce(q, k, c, 0.1, 0.01, 0.05)  # floor(0.1) = floor(0.5) = 0
+    with pytest.raises(ValueError, match="candidates must be"):
+        kernels.ring_nce(q, k, c[:, :2], 0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        kernels.ring_nce(q, k, c, 0.0)
+    with pytest.raises(NotImplementedError, match="Triton"):
+        kernels.ring_nce(q, k, c, 0.1, backend="triton")
