@@ -48,7 +48,7 @@ def test_dry_run_goes_through_every_stage(tmp_path):
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     res = json.loads((out / "gpu_check.json").read_text())
     stages = res["stages"]
-    assert list(stages) == ["probe", "compile", "tests", "correctness", "kernels", "train", "dali"]
+    assert list(stages) == ["probe", "correctness", "kernels", "train", "compile", "tests", "dali"]
     assert all("result" in v for v in stages.values()), {k: v.get("error") for k, v in stages.items()}
     assert stages["probe"]["result"]["copy_gbps"] > 0 and stages["probe"]["result"]["gemm_tflops"]["bf16"] > 0
     assert stages["correctness"]["result"]["all_ok"]

@@ -7,9 +7,6 @@
 Stages, in order (each writes its rows as it goes; an error in one is recorded and the next runs):
   probe        versions, device, measured copy GB/s (bytes read + written) and GEMM TFLOP/s
                (bf16, tf32, fp32): the rates of the kernel floors
-  compile      kernels.compile_check with this machine's triton / ptxas: smem, registers, spills
-               of every kernel variant and admitted config (CPU work, in parallel)
-  tests        pytest -m gpu over the kernel tests
   correctness  the kernels at large shapes against float64 (the chunked torch path on float64
                copies of the rounded inputs): nt_xent M=65,536 d=128; info_nce N=8,192 K=65,536
                d=128 / 256; bank_nce B=1,024 K=65,536 over 1.28M rows; a bank of more than 2^31
@@ -19,11 +16,14 @@ Stages, in order (each writes its rows as it goes; an error in one is recorded a
                max(FLOPs / GEMM rate, bytes / copy rate) from the probe
   train        training steps per method (ResNet-50, 2 x 224 views, batch 256, bf16 autocast;
                CVRL: R(2+1)D-18 clips), the fused kernels against the chunked torch path
+  compile      kernels.compile_check with this machine's triton / ptxas: smem, registers, spills
+               of every kernel variant and admitted config (CPU work, in parallel)
+  tests        pytest -m gpu over the kernel tests
   dali         if nvidia.dali imports: the DALI GPU view pipeline (images/s, CPU cores used) against
                its CPU path on a synthetic JPEG set, and a short SimCLR ResNet-50 run's data wait
 
 Output (at most 8 files, the device tool's limit): gpu_check.json (everything, with device,
-versions, date), nt_xent.csv, info_nce.csv, bank_nce.csv (kernels.bench rows), train_steps.csv,
+versions, date), nt_xent.csv, info_nce.csv, bank_nce.csv, ring_nce.csv (kernels.bench rows), train_steps.csv,
 compile_check.csv, tests.txt, and the log is the script's stdout. Without CUDA and without
 --dry-run it stops at once with exit code 2.
 """
@@ -49,7 +49,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-STAGES = ("probe", "compile", "tests", "correctness", "kernels", "train", "dali")
+# Order = priority inside the budget: what only the GPU can show first (correctness at scale, the
+# speed targets, training steps); the compile table and the pytest subset (which repeat smaller
+# checks) after; DALI last (it needs carried parts).
+STAGES = ("probe", "correctness", "kernels", "train", "compile", "tests", "dali")
 NO_CUDA = 2  # exit code without a GPU (and without --dry-run)
 
 
