@@ -149,6 +149,31 @@ def fraction_key(default: float, help: str) -> Any:  # noqa: A002
     return opt(default, help, check=(lambda v: 0 <= v < 1, "in [0, 1)"))
 
 
+@dataclass(kw_only=True)
+class RingNegatives(MethodConfig):
+    """Wu et al.'s restricted negatives (kernels.ring_nce), for the methods that score a pool of
+    candidates: "all" (the method's own loss, numerics unchanged), "ball" (the ring_upper fraction of
+    the candidates most similar to each query), "ring" (ranks from ring_lower to ring_upper). Defaults
+    from the reference code: inner 1 %, outer 10 %."""
+    negatives: Literal["all", "ball", "ring"] = opt("all", "negatives: all candidates, the ball of the most "
+                                                           "similar ones, or the ring (ranks ring_lower..ring_upper)")
+    ring_lower: float = opt(0.01, "ring: inner fraction of the candidates left out (the most similar)",
+                            check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    ring_upper: float = opt(0.1, "ball / ring: outer fraction of the candidates kept",
+                            check=(lambda v: 0 < v <= 1, "in (0, 1]"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.negatives == "ring" and not self.ring_lower < self.ring_upper:
+            raise ConfigError(f"ring_lower ({self.ring_lower}) must be below ring_upper ({self.ring_upper})")
+
+    def window(self) -> tuple[float, float] | None:
+        """(lower, upper) rank fractions for kernels.ring_nce; None for all negatives."""
+        if self.negatives == "all":
+            return None
+        return (0.0 if self.negatives == "ball" else self.ring_lower), self.ring_upper
+
+
 @dataclass(kw_only=True, slots=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)

@@ -3,7 +3,8 @@
 The queue (K, d) and its pointer are registered state (checkpointed, restored exactly). Keys of all
 processes are enqueued after the optimizer step (a deferred write), so every process holds the same
 queue. Shuffle-BN is not implemented: use --sync-bn, or the default per-process BN (on one process BN
-statistics see the whole batch).
+statistics see the whole batch). `--negatives ball|ring` (Wu et al.) restricts each query's negatives
+to a window of similarity ranks over the queue (MoCo ring: ranks [655, 6553) of 65,536, all used).
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ import torch
 
 import kernels
 
-from ..config import MethodConfig, ema_final_key, ema_key, positive_int_key, temperature_final_key, temperature_key
+from ..config import RingNegatives, ema_final_key, ema_key, positive_int_key, temperature_final_key, temperature_key
 from ..models import l2n, mlp
 from .base import Method, Output, Queue, ema_update, make_target
 
 
-def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE of normalised queries against their keys (positive) and the queue (negatives)."""
-    return kernels.info_nce(l2n(q), l2n(k).detach(), queue, temperature=temperature)
+def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+              window: tuple[float, float] | None = None) -> torch.Tensor:
+    """InfoNCE of normalised queries against their keys (positive) and the queue (negatives); with a
+    rank window (Ball / Ring), each query's negatives are the queue keys of those similarity ranks."""
+    if window is None:
+        return kernels.info_nce(l2n(q), l2n(k).detach(), queue, temperature=temperature)
+    return kernels.ring_nce(l2n(q), l2n(k).detach(), queue, temperature, *window)
 
 
 @dataclass(kw_only=True)
-class MoCoV2Config(MethodConfig):
+class MoCoV2Config(RingNegatives):
     temperature: float = temperature_key(0.2)
     temperature_final: float = temperature_final_key()
     ema: float = ema_key(0.999)
@@ -56,12 +61,13 @@ class MoCoV2(Method):
         t, views = self.temperature(step), batch.views
         h1 = self.backbone(views[0])
         k2 = self._keys(views[1])
-        loss = moco_loss(self.projector(h1), k2, self.queue.keys, t)
+        win = self.cfg.method.window()
+        loss = moco_loss(self.projector(h1), k2, self.queue.keys, t, win)
         self.defer(self.queue.push, k2)
         if self.symmetric:
             q2 = self.projector(self.backbone(views[1]))
             k1 = self._keys(views[0])
-            loss = 0.5 * (loss + moco_loss(q2, k1, self.queue.keys, t))
+            loss = 0.5 * (loss + moco_loss(q2, k1, self.queue.keys, t, win))
             self.defer(self.queue.push, k1)
         return Output(loss, {"temperature": t, "ema": self.ema(step)}, features=h1)
 
