@@ -1,5 +1,5 @@
 """Ring / Ball negatives (Wu et al.) in the methods that score a pool of candidates: MoCo v2 (and
-InfoMin, built on it) over the queue. `all` is the method's own loss; the window options go through
+InfoMin, built on it) over the queue, InstDisc over its memory bank, CMC over each view's bank. `all` is the method's own loss; the window options go through
 kernels.ring_nce, checked here against a float64 sort over the method's own queries and queue."""
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ def _views(seed, n=8):
     return [torch.rand(n, 3, 32, 32, generator=g) for _ in range(2)], torch.arange(n)
 
 
-def _method(name, **keys):
+def _method(name, channels=(3, 3), **keys):
     torch.manual_seed(0)
     cfg = tiny_config(name, COMMON, queue_size=200, **keys)
-    return make_method(cfg, 64, 10, (3, 3))
+    return make_method(cfg, 64, 10, channels)
 
 
 @pytest.mark.parametrize("name", ["mocov2", "infomin"])
@@ -60,3 +60,38 @@ def test_window_keys_are_checked():
         tiny_config("mocov2", COMMON, ring_upper=0.0)
     with pytest.raises(ConfigError):
         tiny_config("mocov2", COMMON, negatives="donut")
+
+
+@pytest.mark.parametrize("name", ["instdisc", "cmc"])
+def test_bank_methods_rank_their_whole_bank(name, monkeypatch):
+    """InstDisc / CMC with --negatives ring: each query against every row of the (other view's) bank,
+    its own row the positive; the loss is the float64 sort reference of those tensors."""
+    channels = (1, 2) if name == "cmc" else (3, 3)
+    m = _method(name, channels, negatives="ring", ring_lower=0.02, ring_upper=0.25)
+    calls = []
+    real = kernels.ring_nce
+
+    def spy(q, k, c, t, lower, upper, **kw):
+        out = real(q, k, c, t, lower, upper, **kw)
+        calls.append((kernels.ring_nce_ref(q.detach(), k, c, t, lower, upper, upcast=True), out.detach(), c))
+        return out
+
+    monkeypatch.setattr(kernels, "ring_nce", spy)
+    g = torch.Generator().manual_seed(2)
+    views = [torch.rand(8, c, 32, 32, generator=g) for c in channels]
+    loss = call(m, views, torch.arange(8) * 3, 0)
+    assert len(calls) == (2 if name == "cmc" else 1)
+    banks = [mem.bank for mem in m.memories] if name == "cmc" else [m.memory.bank]
+    for ref, out, c in calls:
+        assert any(c is b for b in banks) and c.shape[0] == 64
+        assert abs(out.item() - ref.item()) < 1e-5 * abs(ref.item())
+    loss.backward()
+    assert all(b.grad is None for b in banks)
+
+
+def test_bank_window_options_that_do_not_apply_fail():
+    from train.config import ConfigError
+    with pytest.raises(ConfigError, match="nce-mode nce"):
+        tiny_config("instdisc", COMMON, negatives="ball", nce_mode="nce")
+    with pytest.raises(ConfigError, match="cmc-negatives bank"):
+        tiny_config("cmc", COMMON, negatives="ring", cmc_negatives="batch")

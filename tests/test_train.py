@@ -61,14 +61,20 @@ def max_diff(a, b):
 
 
 # -- every method on real pipeline batches -----------------------------------------------------
-@pytest.mark.parametrize("method", image_methods())
-def test_method_trains_on_pipeline_batch(data, method):
+RING_METHODS = ["mocov2", "infomin", "instdisc", "cmc"]  # --negatives ball|ring (Wu et al.)
+
+
+@pytest.mark.parametrize("method, negatives", [(m, "all") for m in image_methods()]
+                         + [(m, "ring") for m in RING_METHODS])
+def test_method_trains_on_pipeline_batch(data, method, negatives):
     """A few SGD steps on one real batch of the method's own recipe: the loss falls."""
     from pipeline import build_loader
     from train.methods import get_method
     cls = get_method(method)
     cfg = tiny_config(method, {"arch": "resnet18", "width": 8, "cifar_stem": True, "proj_hidden": 64,
-                               "pred_hidden": 64, "proj_dim": 32}, queue_size=32, nce_k=64)
+                               "pred_hidden": 64, "proj_dim": 32}, queue_size=32, nce_k=64,
+                      negatives=negatives, ring_upper=0.25)
+    assert negatives == "all" or cfg.method.negatives == negatives
     loader = build_loader(data, "train", cls.recipe, "dali", batch_size=16, image_size=32, seed=0)
     batch = next(iter(loader))
     loader.close()

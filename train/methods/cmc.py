@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import kernels
 
-from ..config import opt
+from ..config import ConfigError, opt
 from ..distributed import all_gather_with_grad
 from ..models import l2n
 from .base import Method, Output
@@ -40,6 +40,11 @@ class CMCConfig(InstDiscConfig):
     cmc_negatives: Literal["bank", "batch"] = opt("bank", "negatives: memory bank or in-batch")
     cmc_objective: Literal["core", "full"] = opt(
         "full", "with > 2 views: 'core' (view 0 against each other) or 'full' (all pairs)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.negatives != "all" and self.cmc_negatives != "bank":
+            raise ConfigError(f"--negatives {self.negatives} ranks a view's memory bank; use --cmc-negatives bank")
 
 
 class CMC(Method):
@@ -70,8 +75,8 @@ class CMC(Method):
             k = min(me.nce_k, self.n_data)
             for i, j in self.pairs:
                 # view i against view j's memory (positive: the sample's own row there) and back.
-                loss = loss + self.memories[j].loss(z[i], index, k, t, me.nce_mode)
-                loss = loss + self.memories[i].loss(z[j], index, k, t, me.nce_mode)
+                loss = loss + self.memories[j].loss(z[i], index, k, t, me.nce_mode, me.window())
+                loss = loss + self.memories[i].loss(z[j], index, k, t, me.nce_mode, me.window())
             for mem, x in zip(self.memories, z):
                 self.defer(mem.write, index, x.detach(), me.bank_momentum)
         else:

@@ -1,6 +1,8 @@
 """Instance discrimination (Wu et al. 2018): a memory bank of one embedding per training sample,
 keyed by the global sample index the pipeline yields; each sample is contrasted against its own
 bank row and `nce_k` random rows, with the softmax (InfoNCE) or CMC's NCE loss (kernels.bank_nce).
+`--negatives ball|ring` (Wu et al.) ranks the whole bank per query instead and keeps a window of
+similarity ranks as negatives (kernels.ring_nce; all of them: the reference samples 4,095).
 
 The bank and NCE's normalisation constant Z are persistent buffers (Z < 0 means "not estimated yet";
 it is estimated from the first batch, as in the paper, and then kept). Bank rows are written after
@@ -17,7 +19,7 @@ import torch.nn as nn
 
 import kernels
 
-from ..config import MethodConfig, fraction_key, opt, positive_int_key, temperature_final_key, temperature_key
+from ..config import ConfigError, RingNegatives, fraction_key, opt, positive_int_key, temperature_final_key, temperature_key
 from ..distributed import all_gather_nograd
 from ..models import l2n
 from .base import Method, Output, init_bank, register_state
@@ -46,7 +48,11 @@ class BankState(nn.Module):
             self._z_known, self._z_seen = bool(float(self.Z) >= 0), seen
         return self._z_known
 
-    def loss(self, q, index, k, temperature, mode):
+    def loss(self, q, index, k, temperature, mode, window=None):
+        if window is not None:
+            # Ring / Ball (Wu et al.): every bank row is a candidate, each query keeps the rows of its
+            # similarity-rank window as negatives; the positive is its own row (softmax only).
+            return kernels.ring_nce(l2n(q), self.bank[index], self.bank, temperature, *window)
         neg = torch.randint(0, self.bank.shape[0], (q.shape[0], k), device=q.device)
         estimate = mode == "nce" and not self.z_known()
         z = None if mode == "softmax" or estimate else self.Z
@@ -63,12 +69,18 @@ class BankState(nn.Module):
 
 
 @dataclass(kw_only=True)
-class InstDiscConfig(MethodConfig):
+class InstDiscConfig(RingNegatives):
     temperature: float = temperature_key(0.07)
     temperature_final: float = temperature_final_key()
     nce_k: int = positive_int_key(4096, "negatives drawn from the memory bank per sample")
     nce_mode: Literal["softmax", "nce"] = opt("softmax", "memory-bank loss: softmax (InfoNCE) or CMC's NCE")
     bank_momentum: float = fraction_key(0.5, "memory-bank update momentum")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.negatives != "all" and self.nce_mode != "softmax":
+            raise ConfigError(f"--negatives {self.negatives} ranks the whole bank under the softmax loss; "
+                              f"it does not apply to --nce-mode {self.nce_mode}")
 
 
 class InstDisc(Method):
@@ -87,6 +99,7 @@ class InstDisc(Method):
         h = self.backbone(batch.views[0])
         q = self.head(h)
         me = self.cfg.method
-        loss = self.memory.loss(q, batch.index, min(me.nce_k, self.n_data), self.temperature(step), me.nce_mode)
+        loss = self.memory.loss(q, batch.index, min(me.nce_k, self.n_data), self.temperature(step), me.nce_mode,
+                                me.window())
         self.defer(self.memory.write, batch.index, q.detach(), me.bank_momentum)
         return Output(loss, {"temperature": self.temperature(step)}, features=h)
