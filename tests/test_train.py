@@ -64,18 +64,24 @@ def max_diff(a, b):
 RING_METHODS = ["mocov2", "infomin", "instdisc", "cmc"]  # --negatives ball|ring (Wu et al.)
 
 
-@pytest.mark.parametrize("method, negatives", [(m, "all") for m in image_methods()]
-                         + [(m, "ring") for m in RING_METHODS])
-def test_method_trains_on_pipeline_batch(data, method, negatives):
+AUX_METHODS = ["simclr", "byol"]  # --aux augself over a contrastive and a non-contrastive base
+
+
+@pytest.mark.parametrize("method, variant", [(m, "all") for m in image_methods()]
+                         + [(m, "ring") for m in RING_METHODS] + [(m, "augself") for m in AUX_METHODS])
+def test_method_trains_on_pipeline_batch(data, method, variant):
     """A few SGD steps on one real batch of the method's own recipe: the loss falls."""
     from pipeline import build_loader
     from train.methods import get_method
     cls = get_method(method)
+    negatives = "ring" if variant == "ring" else "all"
+    aux = {"aux": "augself", "image_size": 32} if variant == "augself" else {}
     cfg = tiny_config(method, {"arch": "resnet18", "width": 8, "cifar_stem": True, "proj_hidden": 64,
-                               "pred_hidden": 64, "proj_dim": 32}, queue_size=32, nce_k=64,
+                               "pred_hidden": 64, "proj_dim": 32, **aux}, queue_size=32, nce_k=64,
                       negatives=negatives, ring_upper=0.25)
     assert negatives == "all" or cfg.method.negatives == negatives
-    loader = build_loader(data, "train", cls.recipe, "dali", batch_size=16, image_size=32, seed=0)
+    loader = build_loader(data, "train", cls.recipe, "dali", batch_size=16, image_size=32, seed=0,
+                          return_aug=bool(aux))
     batch = next(iter(loader))
     loader.close()
     torch.manual_seed(0)
@@ -84,7 +90,7 @@ def test_method_trains_on_pipeline_batch(data, method, negatives):
     start = 32 // 16 if method in ("mocov2", "infomin") else 0  # after the random queue is replaced
     losses = []
     for s in range(start + 6):
-        loss = call(m, batch.views, batch.index, s)
+        loss = call(m, batch.views, batch.index, s, aug=batch.aug)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -211,17 +217,24 @@ def launch2(script_args, timeout=300):
     return r
 
 
-def test_ddp_parity_simclr(data, tmp_path, dtype="float64", tol=1e-9):
-    """SimCLR step 0: 1 process x 32 and 2 gloo processes x 16 give the same loss and gradients.
+# Methods whose loss is global over the gathered batch (SimCLR's candidates, RényiCL's batch-global
+# normaliser, SSL-HSIC's kernel means over all processes' views, with the same random features).
+GLOBAL_LOSS_METHODS = ["simclr", "renyicl", "ssl_hsic"]
+
+
+@pytest.mark.parametrize("method", GLOBAL_LOSS_METHODS)
+def test_ddp_parity_of_global_losses(data, tmp_path, method, dtype="float64", tol=1e-9):
+    """Step 0: 1 process x 32 and 2 gloo processes x 16 give the same loss and gradients.
     In float64 (tolerance 1e-9, far inside the 1e-5 asked for) the check isolates the distributed math:
     gather with gradients, DDP's averaging, global batch norm. (`train/parity.py --dtype float32` gives
     loss differences ~1e-7 and gradient differences ~1e-5 relative: summation order only.)"""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     script = str(ROOT / "train" / "parity.py")
-    r = subprocess.run([PY, script, "--data", str(data), "--dump", str(one), "--dtype", dtype], env=env1(),
-                       capture_output=True, text=True, timeout=300)
+    args = ["--data", str(data), "--dtype", dtype, "--method", method]
+    r = subprocess.run([PY, script, *args, "--dump", str(one)], env=env1(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    launch2([script, "--data", str(data), "--dump", str(two), "--dtype", dtype])
+    launch2([script, *args, "--dump", str(two)])
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     assert abs(a["loss"].item() - b["loss"].item()) <= tol * abs(a["loss"].item())
     assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 60

@@ -33,10 +33,10 @@ def trained_vs_random(backbone: Path, random_args: list[str], data: Path, tmp_pa
     return res, line
 
 
-def call(method, views, index, step, label=None):
+def call(method, views, index, step, label=None, aug=None):
     """One forward of a method on a Batch made of these tensors; returns its self-supervised loss."""
     from pipeline.loaders.batch import Batch
-    _, out = method(Batch(views=list(views), index=index, label=label), step)
+    _, out = method(Batch(views=list(views), index=index, label=label, aug=aug), step)
     return out.loss
 
 

@@ -93,6 +93,11 @@ class ModelConfig:
     proj_hidden: int = opt(2048, "hidden width of the projection MLP")
     proj_dim: int = opt(128, "embedding dimension (output of the projection head)")
     pred_hidden: int = opt(4096, "hidden width of BYOL's predictor")
+    aux: Literal["none", "augself"] = opt(
+        "none", "auxiliary objective added to the method's loss: 'augself' predicts the difference of the two "
+                "views' augmentation parameters (crop, colour jitter, flip) from their backbone features")
+    aux_weight: float = opt(1.0, "weight of the auxiliary loss (--aux)")
+    aux_hidden: int = opt(512, "hidden width of the auxiliary predictors (--aux)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -209,6 +214,8 @@ class Config:
             (d.stride >= 1, "stride", "must be >= 1"),
             (m.proj_dim >= 2 and m.proj_hidden >= 2 and m.pred_hidden >= 2, "proj_dim",
              "head widths must be >= 2"),
+            (0 < m.aux_weight <= 100, "aux_weight", "must be in (0, 100]"),
+            (m.aux_hidden >= 2, "aux_hidden", "must be >= 2"),
             (0 <= o.lr <= 100, "lr", "must be in (0, 100] (a peak rate for a global batch of 256; 0: the "
                                     "method's default)"),
             (o.weight_decay < 1, "weight_decay", "must be in [0, 1) (negative: the method's default)"),

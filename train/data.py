@@ -87,7 +87,7 @@ def build_data(cfg: Config, method_cls, rank: int = 0, world: int = 1, device: s
             spec = run_recipe(name, d.image_size, blur=d.blur, crop_min_scale=d.crop_min_scale)
     except ValueError as e:  # a recipe option the recipe cannot take (--crop-min-scale above its range)
         raise ConfigError(str(e)) from None
-    loader = _loader(cfg, "train", spec, clips, rank, world, device, mode="train", return_aug=method_cls.wants_aug)
+    loader = _loader(cfg, "train", spec, clips, rank, world, device, mode="train", return_aug=method_cls.wants_aug or cfg.model.aux != "none")
     spec = getattr(loader, "recipe", spec)
     manifest = load_manifest(Path(d.data) / "train")
     info = DataInfo(num_samples=loader.sampler.num_samples,

@@ -7,7 +7,7 @@ Every process reads the same first batch of `global-batch` samples (pipeline, wo
 its contiguous slice, builds the method with the same seed, wraps it in DDP through accelerate, and
 runs forward + backward once, then the method's after_step (queue / bank writes, EMA targets). Rank 0
 writes {"loss" (the mean over ranks), "grads", "state"} (DDP-averaged gradients; every buffer after the step: queue and
-pointer, memory banks, BN statistics) to --dump. tests/test_train.py::test_ddp_parity_simclr and
+pointer, memory banks, BN statistics) to --dump. tests/test_train.py::test_ddp_parity_of_global_losses and
 ::test_ddp_parity_of_method_state compare the files.
 """
 

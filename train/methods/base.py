@@ -61,6 +61,9 @@ class Output:
     logs: dict = field(default_factory=dict)
     features: torch.Tensor | None = None
     """Pooled backbone features (B, feat_dim) of the first view, for the online probe."""
+    view_features: list[torch.Tensor] | None = None
+    """Pooled backbone features of each view the method ran its online backbone on (with gradients),
+    for an auxiliary objective (--aux); views it did not run are run by `forward` when one needs them."""
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Method(nn.Module):
             self.ema_sched = cosine_schedule(me.ema, getattr(me, "ema_final", 0) or me.ema, total_steps)
             check_schedule(self.ema_sched, total_steps, "ema")
         self.probe: nn.Linear | None = None
+        self.aux = self._build_aux(cfg) if m.aux != "none" else None
         self._deferred: list[tuple[Callable, tuple]] = []
         self._state_names: list[str] = []
 
@@ -139,6 +143,8 @@ class Method(nn.Module):
         plus the online probe's cross-entropy on detached features: the probe's gradient reaches only
         the probe, and DDP averages it with the rest."""
         out = self.compute_loss(batch if self.uses_labels else batch.without_labels(), step)
+        if self.aux is not None:
+            self._add_aux(batch, out)
         total = out.loss
         if self.probe is not None:
             if out.features is None:
@@ -154,6 +160,37 @@ class Method(nn.Module):
 
     def compute_loss(self, batch, step: int) -> Output:
         raise NotImplementedError
+
+    # -- auxiliary objective (--aux) ---------------------------------------------------------
+    def _build_aux(self, cfg: TrainConfig) -> nn.Module:
+        from pipeline.views.recipes import run_recipe
+
+        from ..auxiliary import AUX
+        from ..config import ConfigError
+        if self.clips or self.multiview_encoder:
+            raise ConfigError(f"--aux {cfg.model.aux}: needs one shared image encoder; {self.name} "
+                              f"{'trains on clips' if self.clips else 'has one encoder per view'}")
+        d = cfg.data
+        views = run_recipe(d.recipe or self.recipe, d.image_size, blur=d.blur, crop_min_scale=d.crop_min_scale).views
+        try:
+            # its own random stream: the method's modules (built after this) initialise as without --aux
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(cfg.run.seed) + 0x5EED)
+                return AUX[cfg.model.aux](self.backbone.feat_dim, views, cfg.model.aux_hidden, cfg.model.sync_bn)
+        except ValueError as e:
+            raise ConfigError(f"--aux {cfg.model.aux} with recipe {d.recipe or self.recipe!r}: {e}") from None
+
+    def _add_aux(self, batch, out: Output) -> None:
+        """out.loss += aux_weight x the auxiliary loss on the first two views' backbone features (those
+        the method returned, the others run here) and their augmentation records."""
+        if batch.aug is None:
+            raise RuntimeError(f"--aux {self.cfg.model.aux} needs the batch's augmentation records (the "
+                               "trainer's loader adds them when --aux is set)")
+        feats = list(out.view_features or ([out.features] if out.features is not None else []))
+        feats += [self.backbone(v) for v in batch.views[len(feats):2]]
+        aux, logs = self.aux(feats[0], feats[1], batch.aug[0], batch.aug[1])
+        out.logs.update(logs, base_loss=out.loss.detach(), aux_loss=aux.detach())
+        out.loss = out.loss + self.cfg.model.aux_weight * aux.to(out.loss.dtype)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

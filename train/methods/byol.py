@@ -42,12 +42,13 @@ class BYOL(Method):
         v1, v2 = batch.views[0], batch.views[1]
         h1 = self.backbone(v1)
         p1 = self.predictor(self.projector(h1))
-        p2 = self.predictor(self.projector(self.backbone(v2)))
+        h2 = self.backbone(v2)
+        p2 = self.predictor(self.projector(h2))
         with torch.no_grad():
             z1 = self.target_projector(self.target_backbone(v1))
             z2 = self.target_projector(self.target_backbone(v2))
         loss = 0.5 * (byol_loss(p1, z2) + byol_loss(p2, z1))
-        return Output(loss, {"ema": self.ema(step)}, features=h1)
+        return Output(loss, {"ema": self.ema(step)}, features=h1, view_features=[h1, h2])
 
     @torch.no_grad()
     def after_step(self, step):

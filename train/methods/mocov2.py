@@ -65,11 +65,13 @@ class MoCoV2(Method):
         loss = moco_loss(self.projector(h1), k2, self.queue.keys, t, win)
         self.defer(self.queue.push, k2)
         if self.symmetric:
-            q2 = self.projector(self.backbone(views[1]))
+            h2 = self.backbone(views[1])
+            q2 = self.projector(h2)
             k1 = self._keys(views[0])
             loss = 0.5 * (loss + moco_loss(q2, k1, self.queue.keys, t, win))
             self.defer(self.queue.push, k1)
-        return Output(loss, {"temperature": t, "ema": self.ema(step)}, features=h1)
+        return Output(loss, {"temperature": t, "ema": self.ema(step)}, features=h1,
+                      view_features=[h1, h2] if self.symmetric else [h1])
 
     @torch.no_grad()
     def after_step(self, step):

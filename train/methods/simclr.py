@@ -3,7 +3,7 @@
 Each process gathers the embeddings of every process *with gradients* and evaluates the loss of its
 own anchors (its rows of the gathered matrix) against all gathered candidates: the mean of the
 processes' losses is the global loss, and with DDP's gradient averaging the update equals one process
-on the global batch (tests/test_train.py::test_ddp_parity_simclr checks 1 x 32 against 2 x 16). More
+on the global batch (tests/test_train.py::test_ddp_parity_of_global_losses checks 1 x 32 against 2 x 16). More
 than two views (multicrop) are multi-positive: all views of a sample are positives of each other.
 """
 
@@ -59,4 +59,4 @@ class SimCLR(Method):
         h = [self.backbone(v) for v in batch.views]
         z = torch.cat([self.projector(x) for x in h])
         loss = gathered_nt_xent(z, batch.index.repeat(len(batch.views)), self.temperature(step))
-        return Output(loss, {"temperature": self.temperature(step)}, features=h[0])
+        return Output(loss, {"temperature": self.temperature(step)}, features=h[0], view_features=h)
