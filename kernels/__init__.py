@@ -15,9 +15,9 @@ from .bank_nce import BankNCEOutput, bank_nce, bank_nce_ref
 from .bank_update import bank_update, bank_update_ref
 from .info_nce import info_nce, info_nce_ref
 from .nt_xent import nt_xent, nt_xent_ref
-from .ring_nce import ring_nce, ring_nce_ref
+from .ring_nce import ring_nce, ring_nce_ref, ring_sample
 
 __all__ = [
     "BankNCEOutput", "bank_nce", "bank_nce_ref", "bank_update", "bank_update_ref", "info_nce",
-    "info_nce_ref", "nt_xent", "nt_xent_ref", "ring_nce", "ring_nce_ref",
+    "info_nce_ref", "nt_xent", "nt_xent_ref", "ring_nce", "ring_nce_ref", "ring_sample",
 ]

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+import numba
+import numpy as np
 import torch
 
 from . import _backend
@@ -36,18 +38,140 @@ def window(k: int, lower: float, upper: float) -> tuple[int, int]:
     return lo, hi
 
 
-def _thresholds(s: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inclusive lower bound v_{hi-1}, exclusive upper bound v_{lo-1}) of each row of s (r, K)."""
-    # The hi largest (unsorted), then within them: their minimum is rank hi-1, and rank lo-1 is the
-    # (hi - lo + 1)-th smallest of them. 2.8x faster than two kthvalue calls over all K (measured on a
-    # 64 x 65,536 chunk, 1 thread: 40 vs 113 ms) and as exact.
-    top = torch.topk(s, hi, dim=1, sorted=False).values
-    low = top.min(1).values
+BINS = 4096
+
+
+@numba.njit(inline="always")
+def _bin(v, mn, scale):
+    """Histogram bin of v in a row whose finite range starts at mn (-inf and NaN go to bin 0)."""
+    b = int((v - mn) * scale) if v >= mn else 0
+    return min(max(b, 0), BINS - 1)
+
+
+@numba.njit(inline="always")
+def _bin_of_rank(counts, rank):
+    """(bin holding descending rank `rank`, members of the bins above it)."""
+    above, b = 0, BINS - 1
+    while above + counts[b] <= rank:
+        above += counts[b]
+        b -= 1
+    return b, above
+
+
+@numba.njit(cache=True, parallel=True)
+def _select_rows(s, lo, hi, s_pos, low, high, m_out, z_out, apply):
+    """Per row of s (r, K), exactly: low = the score of descending rank hi-1, high = that of rank lo-1
+    (+inf when lo = 0). The row's finite range is cut into BINS bins, one pass counts them, the bins
+    holding the two ranks are found from the top, one more pass collects only those bins' members,
+    which are sorted. With `apply`, the row becomes e = exp(s - m) on its window [low, high) and 0
+    elsewhere, in place, with m = max(s+, window max) and z = exp(s+ - m) + sum e (in float64).
+    Linear passes over a row that stays in cache, where torch.topk partially sorts hi elements
+    (kernels/bench.py's ring_nce rows time both); exp only on the window (the bulk of a Ring row is
+    outside it, and torch's vectorised exp is 3-4x slower on -inf or underflowing inputs than on
+    ordinary ones, so masking first and exponentiating the whole row would not be cheaper)."""
+    r, k = s.shape
+    for i in numba.prange(r):
+        row = s[i]
+        mn, mx = np.inf, -np.inf
+        for j in range(k):
+            v = row[j]
+            if v > -np.inf:
+                mn = min(mn, v)
+                mx = max(mx, v)
+        scale = (BINS - 1) / (mx - mn) if mx > mn else 0.0
+        counts = np.zeros(BINS, np.int64)
+        for j in range(k):
+            counts[_bin(row[j], mn, scale)] += 1
+        b_hi, above_hi = _bin_of_rank(counts, hi - 1)
+        b_lo, above_lo = _bin_of_rank(counts, lo - 1) if lo > 0 else (BINS, 0)
+        in_hi = np.empty(counts[b_hi], row.dtype)
+        in_lo = np.empty(counts[b_lo] if lo > 0 else 0, row.dtype)
+        n_hi = n_lo = 0
+        below = -np.inf  # the largest score in the bins under b_lo: all below high
+        for j in range(k):
+            v = row[j]
+            b = _bin(v, mn, scale)
+            if b == b_hi:
+                in_hi[n_hi] = v
+                n_hi += 1
+            if b == b_lo:
+                in_lo[n_lo] = v
+                n_lo += 1
+            elif b < b_lo:
+                below = max(below, v)
+        in_hi.sort()
+        lo_v = in_hi[n_hi - 1 - (hi - 1 - above_hi)]  # descending rank within the bin
+        if lo > 0:
+            in_lo.sort()
+            p = n_lo - 1 - (lo - 1 - above_lo)
+            hi_v = in_lo[p]
+            while p > 0 and in_lo[p - 1] == hi_v:
+                p -= 1
+            top = max(below, in_lo[p - 1]) if p > 0 else below  # the window's largest score
+        else:
+            hi_v, top = np.inf, mx
+        low[i], high[i] = lo_v, hi_v
+        if apply:
+            m = max(top, s_pos[i])
+            z = math.exp(s_pos[i] - m)
+            for j in range(k):
+                v = row[j]
+                if v >= lo_v and v < hi_v:
+                    e = math.exp(v - m)
+                    row[j] = e
+                    z += e
+                else:
+                    row[j] = 0.0
+            m_out[i], z_out[i] = m, z
+
+
+def _numba_rows(s: torch.Tensor) -> bool:
+    return s.device.type == "cpu" and s.dtype in (torch.float32, torch.float64) and s.is_contiguous()
+
+
+def _numba_select(s, lo, hi, s_pos, apply):
+    # numba's own thread pool, as wide as torch's (a 1-thread benchmark stays one thread)
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    a = s.detach().numpy()
+    r = a.shape[0]
+    low, high = np.empty(r, a.dtype), np.empty(r, a.dtype)
+    m, z = np.empty(r, a.dtype), np.empty(r, np.float64)
+    sp = np.zeros(r, a.dtype) if s_pos is None else s_pos.detach().contiguous().numpy()
+    _select_rows(a, lo, hi, sp, low, high, m, z, apply)
+    if not apply:
+        return torch.from_numpy(low), torch.from_numpy(high)
+    return torch.from_numpy(m), torch.from_numpy(z.astype(a.dtype))
+
+
+def _topk_thresholds(s: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The hi largest, unsorted; their minimum is rank hi-1 and rank lo-1 the (hi - lo + 1)-th
+    # smallest of them. 2.8x faster than two kthvalue calls over all K (measured on a 64 x 65,536
+    # chunk, 1 thread: 40 vs 113 ms) and as exact.
+    top_hi = torch.topk(s, hi, dim=1, sorted=False).values
+    low = top_hi.min(1).values
     if lo == 0:
-        high = torch.full_like(low, float("inf"))
-    else:
-        high = torch.kthvalue(top, hi - lo + 1, dim=1).values
-    return low, high
+        return low, torch.full_like(low, float("inf"))
+    return low, torch.kthvalue(top_hi, hi - lo + 1, dim=1).values
+
+
+def _thresholds(s: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inclusive lower bound v_{hi-1}, exclusive upper bound v_{lo-1}) of each row of s (r, K):
+    numba's histogram select on CPU, topk elsewhere (the torch path on CUDA)."""
+    if _numba_rows(s):
+        return _numba_select(s, lo, hi, None, False)
+    return _topk_thresholds(s, lo, hi)
+
+
+def _window_exp(s: torch.Tensor, lo: int, hi: int, s_pos: torch.Tensor):
+    """In place: s (r, K) -> e = exp(s - m) on each row's window, 0 elsewhere. Returns m, the row's
+    max over {s+} and its window, and z = exp(s+ - m) + sum e, so LSE = m + log z and the softmax
+    weights are e / z."""
+    if _numba_rows(s):
+        return _numba_select(s, lo, hi, s_pos, True)
+    s = _masked(s, *_topk_thresholds(s, lo, hi))
+    m = torch.maximum(s.max(1).values, s_pos)
+    s.sub_(m[:, None]).exp_()
+    return m, s.sum(1).add_(torch.exp(s_pos - m))
 
 
 def _chunks(n: int, k: int):
@@ -62,75 +186,72 @@ def _masked(s: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Ten
     return s.masked_fill_(~keep, float("-inf"))
 
 
+def _exclude(s: torch.Tensor, exclude: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
+    """s (rows r0..r1) with each row's excluded column at -inf: ranked last, never in a window."""
+    if exclude is not None:
+        s.scatter_(1, exclude[r0:r1, None], float("-inf"))
+    return s
+
+
+def _scores(qs, cc, exclude, r0, r1, buf):
+    """Rows r0..r1 of the scores q c^T / T into a reused buffer (no new pages per chunk)."""
+    return _exclude(torch.mm(qs[r0:r1], cc.T, out=buf[: r1 - r0]), exclude, r0, r1)
+
+
 class _RingNCE(torch.autograd.Function):
+    # Gradients are formed in forward, chunk by chunk, while each chunk's softmax weights are at
+    # hand: a = sum_j p_ij c_j (N x d) and, for in-batch candidates, sum_i p_ij q_i (K x d). The
+    # loss is linear in grad_out, so backward only scales them: O((N + K) d) saved, and the N x K
+    # scores are computed once per step instead of a second time in backward (the torch path's
+    # matmul is most of its time). Forward-only calls (no grad) skip those sums.
     @staticmethod
-    def forward(ctx, q, k, c, temperature, lo, hi, dot_dt):
+    def forward(ctx, q, k, c, temperature, lo, hi, dot_dt, exclude, needs):
         ctx.in_dtypes = (q.dtype, k.dtype, c.dtype)
+        need_c = needs[2]
+        grad = any(needs)
         with _backend.no_autocast(q.device):
             # operands rounded once per the kernels' precision contract (_backend.dot_dtype), the
             # dots accumulated in fp32: the ranks are those of the rounded operands' scores
             q, k, c = (t.detach().to(dot_dt) for t in (q, k, c))
             ct = _backend.compute_dtype(q, k, c)
-            qs, kc, cc = q.to(ct) / temperature, k.to(ct), c.to(ct)
+            qc, kc, cc = q.to(ct), k.to(ct), c.to(ct)
+            qs = qc / temperature
             s_pos = (qs * kc).sum(1)
-            n = q.shape[0]
+            n, nk = q.shape[0], c.shape[0]
             lse = torch.empty(n, device=q.device, dtype=ct)
-            low = torch.empty(n, device=q.device, dtype=ct)
-            high = torch.empty(n, device=q.device, dtype=ct)
-            for r0, r1 in _chunks(n, c.shape[0]):
-                s = qs[r0:r1] @ cc.T
-                low[r0:r1], high[r0:r1] = _thresholds(s, lo, hi)
-                s = _masked(s, low[r0:r1], high[r0:r1])
-                lse[r0:r1] = torch.logaddexp(torch.logsumexp(s, 1), s_pos[r0:r1])
-        ctx.save_for_backward(q, k, c, lse, s_pos, low, high)
+            a = torch.empty_like(qc) if grad else None
+            dc = torch.zeros_like(cc) if need_c else None
+            buf = torch.empty(min(n, _backend.rows_per_chunk(nk)), nk, device=q.device, dtype=ct)
+            for r0, r1 in _chunks(n, nk):
+                e = _scores(qs, cc, exclude, r0, r1, buf)
+                m, z = _window_exp(e, lo, hi, s_pos[r0:r1])
+                lse[r0:r1] = m + torch.log(z)
+                if grad:
+                    inv = z.reciprocal_()[:, None]
+                    a[r0:r1] = (e @ cc).mul_(inv)  # sum_j p_ij c_j, p = e / z
+                    if need_c:
+                        dc.addmm_(e.T, qc[r0:r1] * inv)  # sum_i p_ij q_i
+        if grad:
+            ctx.save_for_backward(qc, kc, a, dc, lse, s_pos)
         ctx.temperature = temperature
         return (lse - s_pos).mean()
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, c, lse, s_pos, low, high = ctx.saved_tensors
-        temperature = ctx.temperature
-        need_c = ctx.needs_input_grad[2]
-        with _backend.no_autocast(q.device):
-            ct = lse.dtype
-            qc, kc, cc = q.to(ct), k.to(ct), c.to(ct)
-            qs = qc / temperature
-            n = q.shape[0]
-            a = torch.empty_like(qc)
-            dc = torch.zeros_like(cc) if need_c else None
-            for r0, r1 in _chunks(n, c.shape[0]):
-                s = _masked(qs[r0:r1] @ cc.T, low[r0:r1], high[r0:r1])  # the forward's logits
-                p = s.sub_(lse[r0:r1, None]).exp_()
-                a[r0:r1] = p @ cc
-                if need_c:
-                    dc += p.T @ qc[r0:r1]
-            scale = grad_out / (n * temperature)
-            w = (torch.exp(s_pos - lse) - 1.0)[:, None]
-            dq = scale * (a + w * kc)
-            dk = scale * w * qc
-            if need_c:
-                dc = scale * dc
+        qc, kc, a, dc, lse, s_pos = ctx.saved_tensors
+        scale = grad_out.to(lse.dtype) / (qc.shape[0] * ctx.temperature)
+        w = (torch.exp(s_pos - lse) - 1.0)[:, None]  # p+ - 1
+        dq = scale * (a + w * kc)
+        dk = scale * w * qc
+        dc = None if dc is None else scale * dc
         q_dt, k_dt, c_dt = ctx.in_dtypes
-        return (dq.to(q_dt), dk.to(k_dt), None if dc is None else dc.to(c_dt), None, None, None, None)
+        return (dq.to(q_dt), dk.to(k_dt), None if dc is None else dc.to(c_dt),
+                None, None, None, None, None, None)
 
 
-@_backend.opaque_to_compile
-def ring_nce(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, temperature: float,
-             lower: float = 0.0, upper: float = 1.0, *, precision: str = "auto",
-             backend: str = "auto") -> torch.Tensor:
-    """InfoNCE of queries q (N, d) against their keys k (N, d) with, per row, the negatives of
-    similarity rank floor(lower K) <= r < floor(upper K) among the K candidates (K, d) (rank 0 the
-    most similar): the Ball (lower = 0), the Ring (lower > 0), plain InfoNCE at (0, 1). Returns
-    the mean loss, a 0-dim float32 tensor (float64 for float64 inputs). Gradients reach q, k and
-    the candidates when they require grad (in-batch candidates); the selection is constant. Inputs
-    are used as given (normalise them first for cosine similarity). The window is exact for distinct
-    scores; tied scores at a boundary are all kept or all left out together.
-    precision: the dot operands' precision, as for the other kernels (kernels._backend.dot_dtype):
-    "auto" rounds fp32 inputs to bf16 under torch.autocast.
-    backend: "auto" / "torch" (the chunked torch path, any device); "triton" is not written yet.
-    """
-    if q.dim() != 2 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be (N, d), got {tuple(q.shape)} and {tuple(k.shape)}")
+def _check(q, k, candidates, temperature, exclude, backend):
+    if q.dim() != 2 or (k is not None and k.shape != q.shape):
+        raise ValueError(f"q and k must both be (N, d), got {tuple(q.shape)} and {None if k is None else tuple(k.shape)}")
     if candidates.dim() != 2 or candidates.shape[1] != q.shape[1] or candidates.shape[0] < 1:
         raise ValueError(f"candidates must be (K >= 1, {q.shape[1]}), got {tuple(candidates.shape)}")
     if not temperature > 0:
@@ -139,22 +260,98 @@ def ring_nce(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, tempera
         raise ValueError(f"unknown backend {backend!r}; expected one of {_backend.BACKENDS}")
     if backend == "triton":
         raise NotImplementedError("ring_nce has no Triton kernel yet; use backend='torch' (or 'auto')")
-    lo, hi = window(candidates.shape[0], lower, upper)
+    if exclude is not None and (exclude.shape != (q.shape[0],) or exclude.dtype != torch.long):
+        raise ValueError(f"exclude must be int64 ({q.shape[0]},), got {exclude.dtype} {tuple(exclude.shape)}")
+
+
+def _window_of(candidates, exclude, lower, upper):
+    """[lo, hi) over the candidates each row ranks (one fewer with `exclude`)."""
+    k = candidates.shape[0] - (exclude is not None)
+    lo, hi = window(k, lower, upper)
     if hi <= lo:
-        raise ValueError(f"the window [{lower}, {upper}) of {candidates.shape[0]} candidates holds no rank "
-                         f"(floor gives [{lo}, {hi}))")
+        raise ValueError(f"the window [{lower}, {upper}) of {k} candidates holds no rank (floor gives [{lo}, {hi}))")
+    return lo, hi
+
+
+@torch.no_grad()
+def ring_sample(q: torch.Tensor, candidates: torch.Tensor, temperature: float, lower: float, upper: float,
+                num: int, *, exclude: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                precision: str = "auto") -> torch.Tensor:
+    """(N, m) int64: for each row of q, m = min(num, window size) candidate indices drawn uniformly
+    without replacement from its rank window [floor(lower K), floor(upper K)) (IR-Ring: 4,095 of
+    them). The scores, rounding and thresholds are ring_nce's; the draw gives every window member a
+    random key from `generator` and keeps the m largest, chunk by chunk (no N x K matrix), so the
+    same generator state gives the same indices."""
+    _check(q, None, candidates, temperature, exclude, "torch")
+    lo, hi = _window_of(candidates, exclude, lower, upper)
+    m = min(int(num), hi - lo)
+    if m < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    dot_dt, _ = _backend.dot_dtype(precision, q, candidates)
+    with _backend.no_autocast(q.device):
+        q, c = (t.detach().to(dot_dt) for t in (q, candidates))
+        ct = _backend.compute_dtype(q, c)
+        qs, cc = q.to(ct) / temperature, c.to(ct)
+        out = torch.empty(q.shape[0], m, dtype=torch.long, device=q.device)
+        for r0, r1 in _chunks(q.shape[0], c.shape[0]):
+            s = _exclude(qs[r0:r1] @ cc.T, exclude, r0, r1)
+            low, high = _thresholds(s, lo, hi)
+            keep = (s >= low[:, None]) & (s < high[:, None])
+            u = torch.rand(s.shape, generator=generator, device=s.device, dtype=torch.float32)
+            out[r0:r1] = u.masked_fill_(~keep, -1.0).topk(m, dim=1, sorted=False).indices
+    return out
+
+
+@_backend.opaque_to_compile
+def ring_nce(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, temperature: float,
+             lower: float = 0.0, upper: float = 1.0, *, exclude: torch.Tensor | None = None,
+             num_negatives: int = 0, generator: torch.Generator | None = None, precision: str = "auto",
+             backend: str = "auto") -> torch.Tensor:
+    """InfoNCE of queries q (N, d) against their keys k (N, d) with, per row, the negatives of
+    similarity rank floor(lower K) <= r < floor(upper K) among the K candidates (K, d) (rank 0 the
+    most similar): the Ball (lower = 0), the Ring (lower > 0), plain InfoNCE at (0, 1). Returns
+    the mean loss, a 0-dim float32 tensor (float64 for float64 inputs). Gradients reach q, k and
+    the candidates when they require grad (in-batch candidates); the selection is constant. Inputs
+    are used as given (normalise them first for cosine similarity). The window is exact for distinct
+    scores; tied scores at a boundary are all kept or all left out together.
+    exclude: (N,) int64, a candidate column per row that row never ranks (in-batch use: the anchor
+    itself); the window is then over K - 1 candidates.
+    num_negatives: > 0 draws that many of each row's window uniformly (ring_sample, from `generator`)
+    and scores only them (kernels.bank_nce over the drawn rows); for buffers (a bank, a queue): k and
+    the candidates get no gradient there.
+    precision: the dot operands' precision, as for the other kernels (kernels._backend.dot_dtype):
+    "auto" rounds fp32 inputs to bf16 under torch.autocast.
+    backend: "auto" / "torch" (the chunked torch path, any device); "triton" is not written yet.
+    """
+    _check(q, k, candidates, temperature, exclude, backend)
+    lo, hi = _window_of(candidates, exclude, lower, upper)
+    if num_negatives:
+        if k.requires_grad or candidates.requires_grad:
+            raise ValueError("ring_nce(num_negatives=...) scores drawn rows of a buffer: pass k and candidates "
+                             "without gradients (detach them), or use every window member (num_negatives=0)")
+        from .bank_nce import bank_nce
+        idx = ring_sample(q, candidates, temperature, lower, upper, num_negatives, exclude=exclude,
+                          generator=generator, precision=precision)
+        rows = torch.cat([candidates, k.to(candidates.dtype)])
+        pos = candidates.shape[0] + torch.arange(q.shape[0], device=q.device)
+        return bank_nce(q, rows, pos, idx, temperature, "softmax").loss
     dot_dt, _ = _backend.dot_dtype(precision, q, k, candidates)
-    return _RingNCE.apply(q, k, candidates, float(temperature), lo, hi, dot_dt)
+    needs = tuple(torch.is_grad_enabled() and t.requires_grad for t in (q, k, candidates))
+    return _RingNCE.apply(q, k, candidates, float(temperature), lo, hi, dot_dt, exclude, needs)
 
 
 def ring_nce_ref(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, temperature: float,
-                 lower: float = 0.0, upper: float = 1.0, *, upcast: bool = False) -> torch.Tensor:
-    """Plain torch: the N x K logits, a full sort per row, the window by rank; `upcast`: float64."""
+                 lower: float = 0.0, upper: float = 1.0, *, exclude: torch.Tensor | None = None,
+                 upcast: bool = False) -> torch.Tensor:
+    """Plain torch: the N x K logits, a full sort per row, the window by rank; `upcast`: float64.
+    `exclude`: each row's excluded column sorts last (-inf), the window is over K - 1."""
     if upcast:
         q, k, candidates = q.double(), k.double(), candidates.double()
     K = candidates.shape[0]
-    lo, hi = window(K, lower, upper)
+    lo, hi = window(K - (exclude is not None), lower, upper)
     s = q @ candidates.T / temperature
+    if exclude is not None:
+        s = s.scatter(1, exclude[:, None], float("-inf"))
     order = torch.argsort(s, dim=1, descending=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(K, device=s.device).expand_as(order).contiguous())

@@ -116,3 +116,86 @@ def test_bad_arguments():
         kernels.ring_nce(q, k, c, 0.0)
     with pytest.raises(NotImplementedError, match="Triton"):
         kernels.ring_nce(q, k, c, 0.1, backend="triton")
+
+
+# -- in-batch use: a column per row excluded ------------------------------------------------------------
+@pytest.mark.parametrize("window", WINDOWS, ids=[f"{a}-{b}" for a, b in WINDOWS])
+def test_excluded_column_is_never_ranked(window):
+    """SimCLR's in-batch ring: the candidates are the anchors themselves plus their keys, each anchor's
+    own row excluded (the window is over K - 1); gradients reach q (anchor and candidate) and k (key and
+    candidate), against the float64 reference."""
+    q, k, _ = _case(21, n=29, k=5, d=16)
+    excl = torch.arange(29)
+    fn = lambda a, b: kernels.ring_nce(a, b, torch.cat([a, b]), 0.2, *window, exclude=excl)  # noqa: E731
+    ref = lambda a, b: kernels.ring_nce_ref(a, b, torch.cat([a, b]), 0.2, *window, exclude=excl)  # noqa: E731
+    ours, want = fn(q, k), ref(q, k)
+    assert abs(ours.item() - want.item()) <= 1e-10 * max(1.0, abs(want.item()))
+    gq, gk = torch.autograd.grad(ours, (q, k))
+    rq, rk = torch.autograd.grad(want, (q, k))
+    assert rel_err(gq, rq) < 1e-10 and rel_err(gk, rk) < 1e-10
+    # without the exclusion each anchor is its own most similar candidate: a different loss
+    plain = kernels.ring_nce(q, k, torch.cat([q, k]), 0.2, *window)
+    assert abs(plain.item() - ours.item()) > 1e-6
+
+
+def test_exclude_is_checked():
+    q, k, c = _case(1)
+    with pytest.raises(ValueError, match="exclude"):
+        kernels.ring_nce(q, k, c, 0.2, 0.0, 0.5, exclude=torch.zeros(3, dtype=torch.long))
+
+
+# -- m negatives drawn from the window (IR-Ring) ---------------------------------------------------------
+def _ranks(q, c, t):
+    s = q.double() @ c.double().T / t
+    order = torch.argsort(s, 1, descending=True)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(c.shape[0]).expand_as(order).contiguous())
+
+
+@pytest.mark.parametrize("window, num", [((0.0, 0.1), 7), ((0.01, 0.1), 13), ((0.2, 0.5), 1000)])
+def test_ring_sample_draws_distinct_window_members_reproducibly(window, num):
+    q, _, c = (t.detach() for t in _case(5, n=23, k=401, d=12))
+    g = torch.Generator().manual_seed(3)
+    idx = kernels.ring_sample(q, c, 0.1, *window, num, generator=g)
+    lo, hi = ring_mod.window(401, *window)
+    assert idx.shape == (23, min(num, hi - lo))
+    r = _ranks(q, c, 0.1).gather(1, idx)
+    assert ((r >= lo) & (r < hi)).all()
+    assert all(len(set(row.tolist())) == idx.shape[1] for row in idx)
+    again = kernels.ring_sample(q, c, 0.1, *window, num, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(idx, again)
+    other = kernels.ring_sample(q, c, 0.1, *window, num, generator=torch.Generator().manual_seed(4))
+    assert num >= hi - lo or not torch.equal(idx, other)
+
+
+def test_ring_sample_is_uniform_over_the_window():
+    """Each window member is drawn with probability m / W: counts over 400 draws within 5 sigma."""
+    q, _, c = (t.detach() for t in _case(8, n=2, k=200, d=8))
+    lo, hi = ring_mod.window(200, 0.05, 0.25)
+    m, draws = 10, 400
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(2, 200)
+    for _ in range(draws):
+        idx = kernels.ring_sample(q, c, 0.5, 0.05, 0.25, m, generator=g)
+        counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+    r = _ranks(q, c, 0.5)
+    inside = (r >= lo) & (r < hi)
+    assert counts[~inside].sum() == 0
+    p = m / (hi - lo)
+    mean, sd = draws * p, (draws * p * (1 - p)) ** 0.5
+    assert (counts[inside] - mean).abs().max() < 5 * sd
+
+
+def test_sampled_ring_loss_is_infonce_over_the_drawn_rows():
+    q, k, c = _case(9, n=31, k=257, d=16)
+    k, c = k.detach(), c.detach()
+    loss = kernels.ring_nce(q, k, c, 0.2, 0.01, 0.2, num_negatives=9, generator=torch.Generator().manual_seed(2))
+    idx = kernels.ring_sample(q, c, 0.2, 0.01, 0.2, 9, generator=torch.Generator().manual_seed(2))
+    s_pos = (q * k).sum(1) / 0.2
+    s_neg = (q[:, None, :] * c[idx]).sum(-1) / 0.2
+    want = (torch.logsumexp(torch.cat([s_pos[:, None], s_neg], 1), 1) - s_pos).mean()
+    assert abs(loss.item() - want.item()) <= 1e-6 * abs(want.item())
+    (g,) = torch.autograd.grad(loss, q)
+    (gw,) = torch.autograd.grad(want, q)
+    assert rel_err(g, gw) < 1e-5
+    with pytest.raises(ValueError, match="without gradients"):
+        kernels.ring_nce(q, k, c.requires_grad_(), 0.2, 0.0, 0.5, num_negatives=4)

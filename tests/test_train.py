@@ -61,7 +61,7 @@ def max_diff(a, b):
 
 
 # -- every method on real pipeline batches -----------------------------------------------------
-RING_METHODS = ["mocov2", "infomin", "instdisc", "cmc"]  # --negatives ball|ring (Wu et al.)
+RING_METHODS = ["mocov2", "infomin", "instdisc", "cmc", "simclr"]  # --negatives ball|ring (Wu et al.)
 
 
 AUX_METHODS = ["simclr", "byol"]  # --aux augself over a contrastive and a non-contrastive base
@@ -219,7 +219,7 @@ def launch2(script_args, timeout=300):
 
 # Methods whose loss is global over the gathered batch (SimCLR's candidates, RényiCL's batch-global
 # normaliser, SSL-HSIC's kernel means over all processes' views, with the same random features).
-GLOBAL_LOSS_METHODS = ["simclr", "renyicl", "ssl_hsic"]
+GLOBAL_LOSS_METHODS = ["simclr", "simclr:ring", "renyicl", "ssl_hsic"]  # simclr:ring: Wu et al.'s in-batch ring
 
 
 @pytest.mark.parametrize("method", GLOBAL_LOSS_METHODS)
@@ -230,7 +230,8 @@ def test_ddp_parity_of_global_losses(data, tmp_path, method, dtype="float64", to
     loss differences ~1e-7 and gradient differences ~1e-5 relative: summation order only.)"""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     script = str(ROOT / "train" / "parity.py")
-    args = ["--data", str(data), "--dtype", dtype, "--method", method]
+    method, _, negatives = method.partition(":")
+    args = ["--data", str(data), "--dtype", dtype, "--method", method, "--negatives", negatives or "all"]
     r = subprocess.run([PY, script, *args, "--dump", str(one)], env=env1(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

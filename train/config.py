@@ -166,17 +166,32 @@ class RingNegatives(MethodConfig):
                             check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     ring_upper: float = opt(0.1, "ball / ring: outer fraction of the candidates kept",
                             check=(lambda v: 0 < v <= 1, "in (0, 1]"))
+    ring_samples: int = opt(0, "ball / ring over a bank or queue: score this many negatives drawn uniformly from "
+                               "each query's window (0: every member; IR-Ring's reference draws 4095)",
+                            check=(lambda v: v >= 0, ">= 0"))
+    ring_anneal_epochs: float = opt(0.0, "ball / ring: anneal the outer fraction linearly from --ring-upper-start "
+                                         "to --ring-upper over this many epochs (0: no annealing)",
+                                    check=(lambda v: v >= 0, ">= 0"))
+    ring_upper_start: float = opt(1.0, "ball / ring: outer fraction at epoch 0 when annealing",
+                                  check=(lambda v: 0 < v <= 1, "in (0, 1]"))
 
     def __post_init__(self):
         super().__post_init__()
         if self.negatives == "ring" and not self.ring_lower < self.ring_upper:
             raise ConfigError(f"ring_lower ({self.ring_lower}) must be below ring_upper ({self.ring_upper})")
+        if self.ring_anneal_epochs and self.ring_upper_start < self.ring_upper:
+            raise ConfigError(f"ring_upper_start ({self.ring_upper_start}) must be >= ring_upper "
+                              f"({self.ring_upper}): the window narrows as it anneals")
 
-    def window(self) -> tuple[float, float] | None:
-        """(lower, upper) rank fractions for kernels.ring_nce; None for all negatives."""
+    def window(self, epoch: float = float("inf")) -> tuple[float, float] | None:
+        """(lower, upper) rank fractions for kernels.ring_nce at `epoch` (fractional: the annealed
+        outer fraction); None for all negatives."""
         if self.negatives == "all":
             return None
-        return (0.0 if self.negatives == "ball" else self.ring_lower), self.ring_upper
+        upper = self.ring_upper
+        if self.ring_anneal_epochs and epoch < self.ring_anneal_epochs:
+            upper = self.ring_upper_start + (self.ring_upper - self.ring_upper_start) * epoch / self.ring_anneal_epochs
+        return (0.0 if self.negatives == "ball" else self.ring_lower), upper
 
 
 @dataclass(kw_only=True, slots=True)

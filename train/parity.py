@@ -30,6 +30,8 @@ def main(argv=None):
     p.add_argument("--dump", required=True)
     p.add_argument("--method", default="simclr")
     p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--negatives", choices=["all", "ball", "ring"], default="all",
+                   help="Ring / Ball negatives (methods with a --negatives key), at the default window")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
                    help="float64 makes summation-order differences negligible, so the check isolates the "
@@ -45,7 +47,9 @@ def main(argv=None):
 
     cls = get_method(a.method)
     own = {f.name for f in dataclasses.fields(cls.Config)}
-    sized = {k: v for k, v in {"queue_size": 64, "nce_k": 64}.items() if k in own}
+    sized = {k: v for k, v in {"queue_size": 64, "nce_k": 64, "negatives": a.negatives}.items() if k in own}
+    if a.negatives != "all" and "negatives" not in own:
+        raise SystemExit(f"--negatives: {a.method} has no such key")
     cfg = build_config({"method": a.method, "data": a.data, "arch": "resnet18", "width": 8, "cifar_stem": True,
                         "sync_bn": True, "proj_hidden": 64, "proj_dim": 32, "batch_size": a.global_batch,
                         "image_size": a.image_size, "out": str(Path(a.dump).parent / "parity_run"), **sized})

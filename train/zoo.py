@@ -133,10 +133,42 @@ SETTINGS: dict[str, Setting] = {
     "cmc": Setting(common={"width": 4}, method={"temperature": 0.07}, why=(
         "two encoders (L, ab) at half the width, as in the paper (its default 32 = 64 / 2): the pair's "
         "features are as wide (2 x 32) as the others' one encoder; bank negatives fitted to the train set")),
+    "renyicl": Setting(common={"pred_hidden": 128}, method={"ema": 0.99}, why=(
+        "its own γ 2, α 1/65536, τ 0.5 and EMA 0.99 -> 1; predictor 128 wide like the projector (default 4096)")),
+    "csimclr": Setting(method={"kappa_e": 1024.0, "kappa_b": 5.0, "beta": 0.1}, why=(
+        "κ_b 5 (InfoNCE at temperature 0.2, SimCLR's row) and β 0.1 instead of the reference's 10 and 1: at "
+        "batch 16 the contrastive term is bounded by log 31 = 3.4 (log 8191 = 9 at the reference's 4096) and the "
+        "residual's alignment pull β κ_b wins: measured with 10 / 1, the run collapsed (kNN@20 15.4 vs random "
+        "26.7, I(Y;Z) -> 0)")),
+    "cbyol": Setting(common={"pred_hidden": 128}, method={"ema": 0.99}, why=(
+        "its own κ_e 16384, κ_b 10, β 1, w 5 and EMA 0.99 (the 300-epoch setting); predictor and target head "
+        "128 wide")),
+    "ssl_hsic": Setting(common={"pred_hidden": 128}, method={"ema": 0.99}, why=(
+        "its own γ 3, 512 random features, bandwidth Adam 3e-4 and EMA 0.99; predictor 128 wide")),
+    "bregman": Setting(method={"temperature": 0.5}, why=(
+        "its own τ 0.5 (CIFAR), σ 0.9, 100 subnetworks of 512; the budget's AdamW instead of its Adam 5e-3")),
+    "simclr+augself": Setting(method={"temperature": 0.2}, why=(
+        "SimCLR's row plus --aux augself (crop, colour and flip differences, weight 1 as in the reference)")),
     "cvrl": Setting(common={"recipe": "mocov2"}, method={"temperature": 0.2}, why=(
         "the CVRL learning test's run: MoCo v2's weaker jitter on clips (CVRL's own 0.8 jitter stayed at "
         "chance for 800 steps), temperature 0.2")),
 }
+
+
+# Rows that are a registered method plus common keys (an auxiliary objective over a base method): the
+# zoo name -> (base method, keys over the base's row). Their runs train `--method BASE` with the keys.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "simclr+augself": ("simclr", {"aux": "augself", "aux_weight": 1.0}),
+}
+
+
+def base_method(name: str) -> str:
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
+def zoo_names(methods: list[str]) -> list[str]:
+    """Every row the zoo can make: the registered methods and the variants over them."""
+    return list(methods) + [v for v, (b, _) in VARIANTS.items() if b in methods]
 
 
 def fit_negatives(n_train: int, cap: int = 4096) -> int:
@@ -180,7 +212,9 @@ def plan(name: str, cls, budget: str, n_train: int, seed: int, knn: bool, epochs
         values.update(QUICK)
         if video:
             values["batch_size"] = QUICK_VIDEO_BATCH
-    row = SETTINGS.get(name)
+    row = SETTINGS.get(name) or SETTINGS.get(base_method(name))
+    if name in VARIANTS:
+        row = dataclasses.replace(row or Setting(), common={**(row.common if row else {}), **VARIANTS[name][1]})
     if row is None:
         notes.append(f"{name}: no row in train/zoo.py SETTINGS; the budget and the method's own defaults")
         row = Setting()
@@ -315,7 +349,7 @@ def pretrain(r: Runner, name: str, values: dict, data: Path, runs: Path, fresh: 
     """train/pretrain.py for `name`; returns {"seconds", "resumed", "reused"}. The command is recorded
     beside the run (runs/NAME.cmd.json) so that a changed setting retrains instead of resuming."""
     out = runs / name
-    argv = ["--method", name, *flags(values), "--data", str(data), "--out", str(out)]
+    argv = ["--method", base_method(name), *flags(values), "--data", str(data), "--out", str(out)]
     cmd_file, done_file = runs / f"{name}.cmd.json", runs / f"{name}.done.json"
     done = _read_json(done_file)
     same = _read_json(cmd_file) == argv
@@ -563,12 +597,12 @@ def _default_threads() -> int:
 
 def _known() -> list[str]:
     from train.methods import known
-    return known()
+    return zoo_names(known())
 
 
 def main(argv=None) -> list[dict]:
     from train.methods import get_method, known
-    names = known()
+    names = zoo_names(known())
     a = parse(argv, names)
     t_all = time.perf_counter()
     budget = "quick" if a.quick else "full"
@@ -578,7 +612,7 @@ def main(argv=None) -> list[dict]:
     r = Runner(a.threads, progress)
     print(f"zoo: methods {', '.join(a.methods)}; {budget} budget; work {work}; results {results}; "
           f"{a.threads} thread(s)", flush=True)
-    classes = {m: get_method(m) for m in a.methods}
+    classes = {m: get_method(base_method(m)) for m in a.methods}
     rows, failed, notes, timing = [], {}, [], {}
     datasets: dict[str, Path | StepFailed] = {}
     random_evals: dict[Path, dict] = {}

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config as TrainConfig, MethodConfig
-from ..distributed import all_gather_nograd
+from ..distributed import all_gather_nograd, world
 from ..models import build_backbone, l2n
 from ..optim import check_schedule, cosine_schedule
 
@@ -136,6 +136,22 @@ class Method(nn.Module):
 
     def ema(self, step: int) -> float:
         return float(self.ema_sched[min(step, len(self.ema_sched) - 1)])
+
+    def epoch_at(self, step: int) -> float:
+        """The (fractional) epoch of `step`: the schedules span all epochs in total_steps."""
+        return step * self.cfg.run.epochs / max(1, self.total_steps)
+
+    def ring_window(self, step: int) -> tuple[float, float] | None:
+        """The Ring / Ball rank window at `step` (train.config.RingNegatives; None: all negatives)."""
+        return self.cfg.method.window(self.epoch_at(step))
+
+    def step_generator(self, step: int, device, stream: int, per_rank: bool = False) -> torch.Generator:
+        """A random stream that is a pure function of (run seed, step, stream[, rank]) on `device`:
+        the same on every process (per_rank False: e.g. random features of a global loss) or one per
+        process (negatives drawn for its own rows), and the same again after a resume."""
+        rank = world()[0] if per_rank else 0
+        seed = ((int(self.cfg.run.seed) * 1_000_003 + int(step)) * 1009 + int(stream)) * 997 + rank
+        return torch.Generator(device=device).manual_seed(seed % (2 ** 63))
 
     # -- the step ----------------------------------------------------------------------------
     def forward(self, batch, step: int) -> tuple[torch.Tensor, Output]:

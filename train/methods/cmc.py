@@ -72,11 +72,12 @@ class CMC(Method):
         z = [head(x) for head, x in zip(self.heads, h)]
         loss = z[0].new_zeros((), dtype=torch.float32)
         if me.cmc_negatives == "bank":
-            k = min(me.nce_k, self.n_data)
-            for i, j in self.pairs:
+            k, win = min(me.nce_k, self.n_data), self.ring_window(step)
+            for p, (i, j) in enumerate(self.pairs):
                 # view i against view j's memory (positive: the sample's own row there) and back.
-                loss = loss + self.memories[j].loss(z[i], index, k, t, me.nce_mode, me.window())
-                loss = loss + self.memories[i].loss(z[j], index, k, t, me.nce_mode, me.window())
+                gen = [self.step_generator(step, z[i].device, stream=2 * p + s, per_rank=True) for s in (3, 4)]
+                loss = loss + self.memories[j].loss(z[i], index, k, t, me.nce_mode, win, me.ring_samples, gen[0])
+                loss = loss + self.memories[i].loss(z[j], index, k, t, me.nce_mode, win, me.ring_samples, gen[1])
             for mem, x in zip(self.memories, z):
                 self.defer(mem.write, index, x.detach(), me.bank_momentum)
         else:

@@ -2,7 +2,8 @@
 keyed by the global sample index the pipeline yields; each sample is contrasted against its own
 bank row and `nce_k` random rows, with the softmax (InfoNCE) or CMC's NCE loss (kernels.bank_nce).
 `--negatives ball|ring` (Wu et al.) ranks the whole bank per query instead and keeps a window of
-similarity ranks as negatives (kernels.ring_nce; all of them: the reference samples 4,095).
+similarity ranks as negatives (kernels.ring_nce; all of them, or --ring-samples drawn from each window as the
+reference's 4,095).
 
 The bank and NCE's normalisation constant Z are persistent buffers (Z < 0 means "not estimated yet";
 it is estimated from the first batch, as in the paper, and then kept). Bank rows are written after
@@ -48,11 +49,16 @@ class BankState(nn.Module):
             self._z_known, self._z_seen = bool(float(self.Z) >= 0), seen
         return self._z_known
 
-    def loss(self, q, index, k, temperature, mode, window=None):
+    def loss(self, q, index, k, temperature, mode, window=None, samples=0, generator=None):
         if window is not None:
             # Ring / Ball (Wu et al.): every bank row is a candidate, each query keeps the rows of its
-            # similarity-rank window as negatives; the positive is its own row (softmax only).
-            return kernels.ring_nce(l2n(q), self.bank[index], self.bank, temperature, *window)
+            # similarity-rank window as negatives; the positive is its own row (softmax only). With
+            # `samples`, that many are drawn from each window (IR-Ring: 4095) and scored by bank_nce.
+            qn = l2n(q)
+            if samples:
+                neg = kernels.ring_sample(qn, self.bank, temperature, *window, samples, generator=generator)
+                return bank_loss(q, self.bank, index, neg, temperature, "softmax", None)[0]
+            return kernels.ring_nce(qn, self.bank[index], self.bank, temperature, *window)
         neg = torch.randint(0, self.bank.shape[0], (q.shape[0], k), device=q.device)
         estimate = mode == "nce" and not self.z_known()
         z = None if mode == "softmax" or estimate else self.Z
@@ -100,6 +106,7 @@ class InstDisc(Method):
         q = self.head(h)
         me = self.cfg.method
         loss = self.memory.loss(q, batch.index, min(me.nce_k, self.n_data), self.temperature(step), me.nce_mode,
-                                me.window())
+                                self.ring_window(step), me.ring_samples,
+                                self.step_generator(step, q.device, stream=2, per_rank=True))
         self.defer(self.memory.write, batch.index, q.detach(), me.bank_momentum)
         return Output(loss, {"temperature": self.temperature(step)}, features=h)

@@ -21,12 +21,15 @@ from .base import Method, Output, Queue, ema_update, make_target
 
 
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
-              window: tuple[float, float] | None = None) -> torch.Tensor:
+              window: tuple[float, float] | None = None, samples: int = 0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
     """InfoNCE of normalised queries against their keys (positive) and the queue (negatives); with a
-    rank window (Ball / Ring), each query's negatives are the queue keys of those similarity ranks."""
+    rank window (Ball / Ring), each query's negatives are the queue keys of those similarity ranks
+    (all of them, or `samples` drawn from each window)."""
     if window is None:
         return kernels.info_nce(l2n(q), l2n(k).detach(), queue, temperature=temperature)
-    return kernels.ring_nce(l2n(q), l2n(k).detach(), queue, temperature, *window)
+    return kernels.ring_nce(l2n(q), l2n(k).detach(), queue, temperature, *window, num_negatives=samples,
+                            generator=generator)
 
 
 @dataclass(kw_only=True)
@@ -61,14 +64,15 @@ class MoCoV2(Method):
         t, views = self.temperature(step), batch.views
         h1 = self.backbone(views[0])
         k2 = self._keys(views[1])
-        win = self.cfg.method.window()
-        loss = moco_loss(self.projector(h1), k2, self.queue.keys, t, win)
+        win, m = self.ring_window(step), self.cfg.method.ring_samples
+        gen = (lambda s: self.step_generator(step, h1.device, stream=s, per_rank=True)) if m else (lambda s: None)
+        loss = moco_loss(self.projector(h1), k2, self.queue.keys, t, win, m, gen(5))
         self.defer(self.queue.push, k2)
         if self.symmetric:
             h2 = self.backbone(views[1])
             q2 = self.projector(h2)
             k1 = self._keys(views[0])
-            loss = 0.5 * (loss + moco_loss(q2, k1, self.queue.keys, t, win))
+            loss = 0.5 * (loss + moco_loss(q2, k1, self.queue.keys, t, win, m, gen(6)))
             self.defer(self.queue.push, k1)
         return Output(loss, {"temperature": t, "ema": self.ema(step)}, features=h1,
                       view_features=[h1, h2] if self.symmetric else [h1])

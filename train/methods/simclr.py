@@ -5,6 +5,8 @@ own anchors (its rows of the gathered matrix) against all gathered candidates: t
 processes' losses is the global loss, and with DDP's gradient averaging the update equals one process
 on the global batch (tests/test_train.py::test_ddp_parity_of_global_losses checks 1 x 32 against 2 x 16). More
 than two views (multicrop) are multi-positive: all views of a sample are positives of each other.
+`--negatives ball|ring` (Wu et al.) keeps, per anchor, a window of similarity ranks among the 2N - 1
+in-batch candidates as negatives (kernels.ring_nce with the anchor's own column excluded).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 import kernels
 
-from ..config import MethodConfig, temperature_final_key, temperature_key
+from ..config import ConfigError, RingNegatives, temperature_final_key, temperature_key
 from ..distributed import all_gather_nograd, all_gather_with_grad, world
 from ..models import l2n, mlp
 from .base import Method, Output
@@ -38,10 +40,30 @@ def gathered_nt_xent(z: torch.Tensor, labels: torch.Tensor, temperature: float) 
     return kernels.nt_xent(l2n(z_all), temperature, labels=labels_all, anchors=slice(rank * n, (rank + 1) * n))
 
 
+def gathered_ring(z: torch.Tensor, temperature: float, window: tuple[float, float]) -> torch.Tensor:
+    """Wu et al.'s in-batch Ring / Ball of two views: each of this process's rows z (2n, d: view 1
+    then view 2) as an anchor, its other view as the positive, and as candidates every gathered row but
+    itself (2N - 1, the positive among them, as in the reference), of which its rank window are the
+    negatives. The local part of the global loss, as gathered_nt_xent."""
+    rank, _ = world()
+    z = l2n(z)
+    n2 = z.shape[0]
+    z_all = all_gather_with_grad(z)
+    partner = torch.cat([z[n2 // 2:], z[:n2 // 2]])
+    own = rank * n2 + torch.arange(n2, device=z.device)
+    return kernels.ring_nce(z, partner, z_all, temperature, *window, exclude=own)
+
+
 @dataclass(kw_only=True)
-class SimCLRConfig(MethodConfig):
+class SimCLRConfig(RingNegatives):
     temperature: float = temperature_key(0.2)
     temperature_final: float = temperature_final_key()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.negatives != "all" and self.ring_samples:
+            raise ConfigError("--ring-samples draws negatives from a bank or queue; SimCLR's in-batch candidates "
+                              "carry gradients and are all scored (leave --ring-samples 0)")
 
 
 class SimCLR(Method):
@@ -54,9 +76,16 @@ class SimCLR(Method):
         super().__init__(cfg, data, total_steps)
         m = cfg.model
         self.projector = mlp(self.backbone.feat_dim, m.proj_hidden, m.proj_dim, sync_bn=m.sync_bn)
+        if cfg.method.negatives != "all" and len(data.view_channels) != 2:
+            raise ConfigError(f"--negatives {cfg.method.negatives}: SimCLR's ring pairs two views; the recipe has "
+                              f"{len(data.view_channels)}")
 
     def compute_loss(self, batch, step):
         h = [self.backbone(v) for v in batch.views]
         z = torch.cat([self.projector(x) for x in h])
-        loss = gathered_nt_xent(z, batch.index.repeat(len(batch.views)), self.temperature(step))
+        win = self.ring_window(step)
+        if win is None:
+            loss = gathered_nt_xent(z, batch.index.repeat(len(batch.views)), self.temperature(step))
+        else:
+            loss = gathered_ring(z, self.temperature(step), win)
         return Output(loss, {"temperature": self.temperature(step)}, features=h[0], view_features=h)

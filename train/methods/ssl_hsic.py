@@ -139,10 +139,6 @@ class SSLHSIC(Method):
         self.target_projector = make_target(self.projector)
         self.kernel_scale = nn.Parameter(torch.ones(()))
 
-    def _generator(self, step: int, device) -> torch.Generator:
-        """The step's RFF / pair-sampling stream: the same on every process and after a resume."""
-        return torch.Generator(device=device).manual_seed(int(self.cfg.run.seed) * 1_000_003 + int(step) + 7)
-
     def compute_loss(self, batch, step):
         me = self.cfg.method
         v1, v2 = batch.views[0], batch.views[1]
@@ -151,7 +147,7 @@ class SSLHSIC(Method):
         with torch.no_grad():
             t1, t2 = (self.target_projector(self.target_backbone(v)) for v in (v1, v2))
         hiddens = [all_gather_with_grad(l2n(h)) for h in (p1, p2, t2.detach(), t1.detach())]
-        g = self._generator(step, y1.device)
+        g = self.step_generator(step, y1.device, stream=1)  # the same features on every process
         loss, logs = hsic_loss(hiddens, self.kernel_scale.detach().abs().clamp_min(1e-6), me.hsic_gamma,
                                me.rff_features, g)
         kernel = bandwidth_loss(hiddens, self.kernel_scale, g)
