@@ -395,7 +395,10 @@ class TritonKernel:
         self._jitted[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages, **COMPILE_OPTIONS)
 
-    def __call__(self, grid, *args, device_tensor: torch.Tensor, **kwargs) -> None:
+    def __call__(self, grid, *args, device_tensor: torch.Tensor, config: triton.Config | None = None,
+                 **kwargs) -> None:
+        """`config` fixes the CUDA config (no tuning): for kernels that must share one tile shape
+        with each other, e.g. passes that recompute the same scores bit for bit."""
         if interpreted(device_tensor):
             with _library_helpers_interpreted():
                 _interpreted(self.fn)[grid](*args, **kwargs, **self.cpu_config)
@@ -404,7 +407,12 @@ class TritonKernel:
             self._jitted = triton.jit(self.fn)
         named = dict(zip(self.params, args)) | kwargs
         with torch.cuda.device(device_tensor.device):  # triton launches on the current device
-            cfg = self.configs[0] if len(self.configs) == 1 else self._choose(grid, named, args, kwargs)
+            if config is not None:
+                cfg = config
+            elif len(self.configs) == 1:
+                cfg = self.configs[0]
+            else:
+                cfg = self._choose(grid, named, args, kwargs)
             self._launch(grid, cfg, args, kwargs)
 
 

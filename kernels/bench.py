@@ -9,8 +9,7 @@ Grid: provider x mode (fwd, bwd, fwd_bwd) x size. Providers on CUDA: "fused" (th
 (the chunked torch path of the same public functions) and "eager"; "compile" can be added with
 --providers. bank_nce is timed together with bank_update, as a CMC step (NCE loss + memory update),
 and its eager baseline is CMC's index_select + bmm + index_copy_. ring_nce (window (0.01, 0.1)) is
-compared with the N x K logits + topk + logsumexp a user would write; it has no Triton kernel yet,
-so its "fused" rows record that.
+compared with the N x K logits + topk + logsumexp a user would write.
 
 Each row (median time, peak extra memory, device, versions, date) is appended to
 <out>/<kernel>.csv as soon as it is measured (a later failure loses nothing; a row that fails says

@@ -53,6 +53,7 @@ class Variant:
     elem: int
     case: str = ""
     calls: list[str] = field(default_factory=list)
+    config: triton.Config | None = None  # fixed by the launcher (ring_nce): the only one compiled
 
     def spill_limit(self) -> int:
         return SPILL_LIMIT_IEEE if self.constexprs.get("PRECISION") == "ieee" and self.elem == 4 \
@@ -116,10 +117,18 @@ def _calls(dtype, d: int, precision: str) -> list[tuple[str, Any]]:
         kernels.bank_update(bank_rows, torch.randint(0, 100, (8,), generator=g), unit(8), 0.5,
                             backend="triton")
 
+    def ring(lower, in_batch):
+        q, k = unit(16, True), unit(16, True)
+        c = torch.cat([q, k]) if in_batch else unit(40)
+        excl = torch.arange(16) if in_batch else None
+        kernels.ring_nce(q, k, c, 0.1, lower, 0.5, exclude=excl, precision=precision,
+                         backend="triton").backward()
+
     out = [("nt_xent", lambda: nt(None)), ("nt_xent anchors=slice", lambda: nt(slice(4, 12))),
            ("nt_xent anchors=index", lambda: nt(torch.tensor([1, 5, 7, 20])))]
     out += [(f"info_nce queue={qu} grad_k={gk}", lambda qu=qu, gk=gk: info(qu, gk))
             for qu in (True, False) for gk in (True, False)]
+    out += [("ring_nce ring in-batch", lambda: ring(0.1, True)), ("ring_nce ball queue", lambda: ring(0.0, False))]
     if precision in ("auto", "ieee"):  # the bank kernels have no dot: once per dtype is enough
         out += [(f"bank_nce {m} grad={gr} Z={z}", lambda m=m, gr=gr, z=z: bank(m, gr, z))
                 for m in ("softmax", "nce") for gr in (True, False)
@@ -134,17 +143,21 @@ def launch_variants(dims=DIMS, cases=CASES) -> list[Variant]:
     original = _backend.TritonKernel.__call__
     current: dict[str, str] = {}
 
-    def record(self, grid, *args, device_tensor, **kwargs):
+    def record(self, grid, *args, device_tensor, config=None, **kwargs):
         params = self.params
         constexprs = {k: v for k, v in kwargs.items()}
         constexprs["UPCAST"] = False if "UPCAST" in constexprs else None  # the GPU takes bf16 dots
         constexprs = {k: v for k, v in constexprs.items() if v is not None}
         named = dict(zip(params, args))
+        if "SCORES_T" in constexprs:  # ring_nce's column pass: the layout CUDA launches take
+            ring = importlib.import_module("kernels.ring_nce")
+            constexprs["SCORES_T"] = ring.compiled_scores_t(constexprs["PRECISION"],
+                                                            named[self.dtype_arg].element_size())
         signature = {p: _arg_type(v) for p, v in named.items()}
         signature.update({p: "constexpr" for p in constexprs})
         elem = named[self.dtype_arg].element_size()
         key = (self.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())))
-        v = found.setdefault(key, Variant(self, signature, constexprs, elem, current["case"]))
+        v = found.setdefault(key, Variant(self, signature, constexprs, elem, current["case"], config=config))
         v.calls.append(current["call"])
         # Not run: only the launch's types and constexprs matter here, and the outputs (torch.empty)
         # feed nothing that branches on values. So no interpreter is needed (triton 3.6's breaks on
@@ -207,6 +220,8 @@ def _config_name(cfg: triton.Config) -> str:
 
 def admitted(variant: Variant) -> list[triton.Config]:
     k = variant.kernel
+    if variant.config is not None:
+        return [variant.config]
     if len(k.configs) == 1:
         return list(k.configs)
     return k.candidates(variant.constexprs, variant.elem)

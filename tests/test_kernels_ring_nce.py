@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from kernel_helpers import LargestOutput, rel_err, unit
+from kernel_helpers import LargestOutput, rel_err
 
 ring_mod = importlib.import_module("kernels.ring_nce")
 backend_mod = importlib.import_module("kernels._backend")
@@ -45,7 +45,10 @@ def test_matches_float64_sort_reference(window, temperature):
 
 
 @pytest.mark.parametrize("window", WINDOWS[1:3], ids=["ball", "ring"])
-def test_float32_against_float64(window):
+@pytest.mark.parametrize("select", ["numba", "topk"])
+def test_float32_against_float64(window, select, monkeypatch):
+    if select == "topk":  # the torch path's selection off CPU (CUDA), run here on CPU
+        monkeypatch.setattr(ring_mod, "_numba_rows", lambda s: False)
     q, k, c = _case(7, n=64, k=1000, d=32, dtype=torch.float32)
     ours = _grads(lambda a, b, cc: kernels.ring_nce(a, b, cc, 0.1, *window), q, k, c)
     ref = _grads(lambda a, b, cc: kernels.ring_nce_ref(a, b, cc, 0.1, *window, upcast=True), q, k, c)
@@ -114,8 +117,8 @@ def test_bad_arguments():
         kernels.ring_nce(q, k, c[:, :2], 0.1)
     with pytest.raises(ValueError, match="temperature"):
         kernels.ring_nce(q, k, c, 0.0)
-    with pytest.raises(NotImplementedError, match="Triton"):
-        kernels.ring_nce(q, k, c, 0.1, backend="triton")
+    with pytest.raises(TypeError, match="backend='torch'"):
+        kernels.ring_nce(q, k, c, 0.1, backend="triton")  # float64: torch path only
 
 
 # -- in-batch use: a column per row excluded ------------------------------------------------------------
@@ -199,3 +202,71 @@ def test_sampled_ring_loss_is_infonce_over_the_drawn_rows():
     assert rel_err(g, gw) < 1e-5
     with pytest.raises(ValueError, match="without gradients"):
         kernels.ring_nce(q, k, c.requires_grad_(), 0.2, 0.0, 0.5, num_negatives=4)
+
+
+# -- the Triton kernels, through the interpreter on CPU --------------------------------------------------
+@pytest.mark.parametrize("window", WINDOWS, ids=[f"{a}-{b}" for a, b in WINDOWS])
+@pytest.mark.parametrize("temperature", [0.05, 1.0])
+def test_triton_matches_float64_reference(window, temperature):
+    """fp32 kernels against the float64 sort reference, odd shapes, gradients to the candidates too."""
+    q, k, c = _case(hash((window, temperature, "t")) % 1000, n=37, k=301, d=24, dtype=torch.float32)
+    ours = _grads(lambda a, b, cc: kernels.ring_nce(a, b, cc, temperature, *window, backend="triton"), q, k, c)
+    ref = _grads(lambda a, b, cc: kernels.ring_nce_ref(a, b, cc, temperature, *window, upcast=True), q, k, c)
+    assert abs(ours[0].item() - ref[0].item()) <= 2e-6 * max(1.0, abs(ref[0].item()))
+    for a, b in zip(ours[1:], ref[1:]):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("n, k, lower, upper", [(7, 300, 0.01, 0.1), (33, 97, 0.0, 0.5), (5, 1000, 0.5, 0.999)])
+def test_triton_radix_select_is_exact(n, k, lower, upper):
+    """Scores exact in fp32 (one-hot queries pick a coordinate of the candidates, distinct dyadic
+    values of both signs): the thresholds equal the sorted scores at ranks hi-1 and lo-1."""
+    g = torch.Generator().manual_seed(n * k)
+    d = 19
+    c = torch.stack([torch.randperm(2 * k, generator=g)[:k] for _ in range(d)], 1).float()
+    c = (c - k + 0.5) / 64.0  # distinct per column, never 0, both signs
+    q = torch.nn.functional.one_hot(torch.randint(0, d, (n,), generator=g), d).float()
+    s = q @ c.T  # exact
+    lo, hi = ring_mod.window(k, lower, upper)
+    launch = ring_mod._Launch(q, c, None, 1.0, "ieee")
+    low, high = ring_mod._select_triton(launch, lo, hi)
+    desc = torch.sort(s, 1, descending=True).values
+    assert torch.equal(low, desc[:, hi - 1])
+    assert torch.equal(high, desc[:, lo - 1] if lo > 0 else torch.full((n,), float("inf")))
+
+
+def test_triton_excluded_column_and_autocast():
+    q, k, _ = _case(23, n=21, k=5, d=16, dtype=torch.float32)
+    excl = torch.arange(21)
+    fn = lambda a, b: kernels.ring_nce(a, b, torch.cat([a, b]), 0.2, 0.01, 0.5, exclude=excl, backend="triton")  # noqa: E731
+    ref = lambda a, b: kernels.ring_nce_ref(a, b, torch.cat([a, b]), 0.2, 0.01, 0.5, exclude=excl, upcast=True)  # noqa: E731
+    ours, want = fn(q, k), ref(q, k)
+    assert abs(ours.item() - want.item()) <= 2e-6 * abs(want.item())
+    for a, b in zip(torch.autograd.grad(ours, (q, k)), torch.autograd.grad(want, (q, k))):
+        assert rel_err(a, b) < 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # operands rounded to bf16 by the kernel
+        a = kernels.ring_nce(q, k, torch.cat([q, k]).detach(), 0.2, 0.0, 0.2, exclude=excl, backend="triton")
+    r = kernels.ring_nce_ref(*(t.detach().bfloat16().double() for t in (q, k, torch.cat([q, k]))), 0.2, 0.0, 0.2,
+                             exclude=excl)
+    assert a.dtype == torch.float32 and abs(a.item() - r.item()) < 1e-5 * abs(r.item())
+
+
+def test_triton_transposed_column_pass(monkeypatch):
+    """The compiled IEEE column pass (scores as c q^T) on scores exact in fp32, so both layouts give
+    the same bits: gradients to in-batch-style candidates equal the default layout's and the torch
+    path's."""
+    g = torch.Generator().manual_seed(1)
+    n, k, d = 13, 90, 11
+    c = torch.stack([torch.randperm(2 * k, generator=g)[:k] for _ in range(d)], 1).float()
+    c = ((c - k + 0.5) / 64.0).requires_grad_()
+    q = torch.nn.functional.one_hot(torch.randint(0, d, (n,), generator=g), d).float().requires_grad_()
+    kk = (q.detach() * 0.5).requires_grad_()
+    grads = {}
+    for name, flag, backend in [("default", False, "triton"), ("transposed", True, "triton"), ("torch", False, "torch")]:
+        monkeypatch.setattr(ring_mod, "SCORES_T_INTERPRETED", flag)
+        loss = kernels.ring_nce(q, kk, c, 1.0, 0.05, 0.4, backend=backend)
+        grads[name] = torch.autograd.grad(loss, (q, kk, c))
+    for a, b in zip(grads["transposed"], grads["default"]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads["transposed"], grads["torch"]):
+        assert rel_err(a, b) < 1e-5

@@ -253,7 +253,24 @@ def stage_correctness(run: Run) -> dict:
         _check(rows, f"bank_nce {mode}", out.loss, ref, [q.grad], [rq.grad], B=b, K=k, d=d, bank=n,
                dtype=str(dtype))
 
+    def ring(n, k, d, dtype, lower, upper, in_batch=False):
+        """ring_nce against the float64 torch path on the same rounded operands; in_batch: the
+        candidates get gradients (the column pass), each anchor's own column excluded."""
+        q, kk = _unit(n, d, dtype, dev, gen, True), _unit(n, d, dtype, dev, gen, True)
+        c = _unit(k, d, dtype, dev, gen, in_batch)
+        excl = torch.arange(n, device=dev) if in_batch else None
+        loss = kernels.ring_nce(q, kk, c, T, lower, upper, exclude=excl, backend=backend)
+        loss.backward()
+        rq, rk, rc = _rounded64(q, kk, c)
+        ref = kernels.ring_nce(rq, rk, rc, T, lower, upper, exclude=excl, backend="torch")
+        ref.backward()
+        grads, refs = [q.grad, kk.grad] + ([c.grad] if in_batch else []), [rq.grad, rk.grad] + ([rc.grad] if in_batch else [])
+        _check(rows, f"ring_nce ({lower}, {upper}){' in-batch' if in_batch else ''}", loss, ref, grads, refs,
+               N=n, K=k, d=d, dtype=str(dtype))
+
     bf16, fp32 = torch.bfloat16, torch.float32
+    ring(1024 if big else 24, 65536 if big else 300, 128 if big else 32, bf16, 0.01, 0.1)
+    ring(256 if big else 16, 16384 if big else 200, 128 if big else 24, fp32, 0.0, 0.1, in_batch=True)
     nt(65536 if big else 96, 128 if big else 32, bf16)
     with torch.autocast(dev.type, dtype=bf16):  # the trainer's case: fp32 embeddings, autocast on
         z = _unit(16384 if big else 64, 128 if big else 32, fp32, dev, gen, True)
