@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import call, env1, finish, image_methods, make_method, stateful_methods, tiny_config, trained_vs_random
+from train_helpers import call, env1, launch2_cmd, finish, image_methods, make_method, stateful_methods, tiny_config, trained_vs_random
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ACCELERATE = str(Path(PY).parent / "accelerate")
 GOLDEN = ROOT / "tests" / "assets" / "golden_losses.json"
 
 TINY = ["--arch", "resnet18", "--width", "8", "--cifar-stem", "--image-size", "32", "--proj-hidden", "64",
@@ -210,8 +209,7 @@ def test_refuses_to_clobber_and_resume_without_checkpoint(data, tmp_path):
 
 # -- distributed ---------------------------------------------------------------------------------
 def launch2(script_args, timeout=300):
-    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", *script_args]
+    cmd = [*launch2_cmd(), *script_args]
     r = subprocess.run(cmd, env=env1(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
@@ -423,8 +421,7 @@ def test_epoch_start_pass_two_processes(data, tmp_path):
     """With 2 gloo processes every rank gathers the whole split (240 rows, not its 120) and holds the same
     state: the trainer checks the registered state's digest on every rank at each checkpoint."""
     _run_epochmean(data, tmp_path / "ddp", "--epochs", "1",
-                   launcher=(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no"))
+                   launcher=launch2_cmd())
     st = _final_state(tmp_path / "ddp")
     assert int(st["passes"]) == 1 and int(st["pass_rows"]) == 240
 

@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import call, env1, make_method, trained_vs_random
+from train_helpers import call, env1, launch2_cmd, make_method, trained_vs_random
 from train.methods import build_config
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ACCELERATE = str(Path(PY).parent / "accelerate")
 TINY = ["--arch", "r3d18", "--width", "8", "--frames", "4", "--stride", "3", "--image-size", "24", "--proj-hidden",
         "64", "--proj-dim", "32", "--progress", "false"]
 
@@ -217,8 +216,7 @@ def test_cvrl_two_processes_gather_negatives(vdata, tmp_path):
     out = tmp_path / "ddp"
     pretrain(["--method", "cvrl", "--data", str(vdata), *TINY, "--batch-size", "4", "--epochs", "1",
               "--optimizer", "sgd", "--lr", "0.5", "--warmup-epochs", "0", "--knn-every", "0", "--log-every", "1"],
-             out, (ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no"))
+             out, launch2_cmd())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["steps_per_epoch"] == 24 // 8
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]

@@ -11,6 +11,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+ACCELERATE = str(Path(PY).parent / "accelerate")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch2_cmd() -> tuple[str, ...]:
+    """`accelerate launch` of 2 gloo processes on a free port of their own, not accelerate's default
+    29500: two suites (or a leftover rendezvous) on one machine must not collide."""
+    return (ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no")
 
 
 def env1() -> dict:

@@ -100,6 +100,11 @@ def timed(fn, run: Run, reps: int = 20, warmup: int = 3) -> float:
 
 
 # -- probe ---------------------------------------------------------------------------------------
+def _sig(x: float, digits: int = 3) -> float:
+    """Round to significant figures, not decimals: a CPU dry run's bf16 GEMM is ~0.01 TFLOP/s and must not print 0."""
+    return float(f"{x:.{digits}g}")
+
+
 def stage_probe(run: Run) -> dict:
     import numpy as np
     import triton
@@ -122,7 +127,7 @@ def stage_probe(run: Run) -> dict:
     x = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=run.device)
     y = torch.empty_like(x)
     t = timed(lambda: y.copy_(x), run)
-    info["copy_gbps"] = round(2 * nbytes / t / 1e9, 1)  # bytes read + written
+    info["copy_gbps"] = _sig(2 * nbytes / t / 1e9)  # bytes read + written
     x = y = None  # free the copy buffers before the GEMMs
     n = 8192 if not run.dry else 256
     rates = {}
@@ -136,7 +141,7 @@ def stage_probe(run: Run) -> dict:
             t = timed(lambda: a @ b, run)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
-        rates[name] = round(2 * n**3 / t / 1e12, 1)
+        rates[name] = _sig(2 * n**3 / t / 1e12)
     info["gemm_tflops"] = rates
     log(f"probe: {info.get('device')} copy {info['copy_gbps']} GB/s, GEMM {rates} TFLOP/s")
     return info
