@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import call, env1, launch2_cmd, finish, image_methods, make_method, stateful_methods, tiny_config, trained_vs_random
+from train_helpers import call, env1, finish, image_methods, launch2_cmd, make_method, stateful_methods, tiny_config, trained_vs_random
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
