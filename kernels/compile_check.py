@@ -244,12 +244,14 @@ def _estimate(variant: Variant, cfg: triton.Config) -> int | str:
                                    variant.constexprs["BLOCK_D"], cfg.num_stages)
 
 
-def run(jobs: int = 1, quick: bool = False, arch: int = 90) -> list[dict[str, Any]]:
-    """Compile every (variant, admitted config); `quick`: bf16 at BLOCK_D 128 only."""
+def run(jobs: int = 1, quick: bool = False, arch: int = 90, largest: bool = False) -> list[dict[str, Any]]:
+    """Compile every (variant, admitted config); `quick`: bf16 at BLOCK_D 128 only; `largest`: only the
+    first admitted config of each variant (the tables list the largest tile and the most stages first,
+    so it is the one nearest the shared-memory and register limits; the test suite's sweep)."""
     if arch != 90:
         raise ValueError("the tile tables and limits are for sm_90; pass --arch 90")
     variants = launch_variants(dims=(128,), cases=CASES[:1]) if quick else launch_variants()
-    tasks = [(v, _backend._config_dict(c)) for v in variants for c in admitted(v)]
+    tasks = [(v, _backend._config_dict(c)) for v in variants for c in admitted(v)[:1 if largest else None]]
     if jobs <= 1:
         return [_compile_task(t) for t in tasks]
     import multiprocessing
@@ -270,8 +272,10 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--quick", action="store_true", help="bf16 at BLOCK_D 128 only (a smoke run)")
+    parser.add_argument("--largest", action="store_true",
+                        help="only the largest admitted config of each variant (what make test compiles)")
     args = parser.parse_args(argv)
-    rows = run(args.jobs, args.quick, args.arch)
+    rows = run(args.jobs, args.quick, args.arch, args.largest)
     for row in rows:
         print(" ".join(f"{k}={row[k]}" for k in row), flush=True)
     if args.csv:

@@ -2,6 +2,7 @@
 
     python train/parity.py --data OUT --global-batch 32 --dump step0_1proc.pt
     accelerate launch --multi_gpu --num_processes 2 train/parity.py --data OUT --global-batch 32 --dump step0_2proc.pt
+    python train/parity.py --data OUT --method simclr,simclr:ring,mocov2 --dump DIR   # one file per method in DIR
 
 Every process reads the same first batch of `global-batch` samples (pipeline, world_size=1) and keeps
 its contiguous slice, builds the method with the same seed, wraps it in DDP through accelerate, and
@@ -28,7 +29,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--dump", required=True)
-    p.add_argument("--method", default="simclr")
+    p.add_argument("--method", default="simclr",
+                   help="a method, METHOD:NEGATIVES (all|ball|ring), or a comma-separated list of them; with a "
+                        "list --dump is a folder and gets one METHOD[_NEGATIVES].pt per entry (one process group "
+                        "for all: a 2-process launch costs seconds)")
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--negatives", choices=["all", "ball", "ring"], default="all",
                    help="Ring / Ball negatives (methods with a --negatives key), at the default window")
@@ -37,7 +41,23 @@ def main(argv=None):
                    help="float64 makes summation-order differences negligible, so the check isolates the "
                         "distributed math (gather, gradient scaling, global BN)")
     a = p.parse_args(argv)
+    specs = [m.strip() for m in a.method.split(",") if m.strip()]
+    if not specs:
+        raise SystemExit("--method: name at least one method")
+    dump = Path(a.dump)
+    if len(specs) > 1:
+        dump.mkdir(parents=True, exist_ok=True)
+    acc = None
+    for spec in specs:
+        method, _, negatives = spec.partition(":")
+        target = dump / (spec.replace(":", "_") + ".pt") if len(specs) > 1 else dump
+        acc = _step0(a, method, negatives or a.negatives, target, acc)
+    acc.end_training()
 
+
+def _step0(a, name: str, negatives: str, dump: Path, acc):
+    """One method's step 0 on the fixed global batch; writes `dump` on rank 0. Returns the accelerator
+    (made once: accelerate's state is per process)."""
     from pipeline import build_loader
     from pipeline.views.recipes import get_recipe
     from pipeline.loaders.batch import Batch
@@ -45,16 +65,16 @@ def main(argv=None):
     from train.methods.base import DataInfo
     from train.trainer import _accelerator
 
-    cls = get_method(a.method)
+    cls = get_method(name)
     own = {f.name for f in dataclasses.fields(cls.Config)}
-    sized = {k: v for k, v in {"queue_size": 64, "nce_k": 64, "negatives": a.negatives}.items() if k in own}
-    if a.negatives != "all" and "negatives" not in own:
-        raise SystemExit(f"--negatives: {a.method} has no such key")
-    cfg = build_config({"method": a.method, "data": a.data, "arch": "resnet18", "width": 8, "cifar_stem": True,
+    sized = {k: v for k, v in {"queue_size": 64, "nce_k": 64, "negatives": negatives}.items() if k in own}
+    if negatives != "all" and "negatives" not in own:
+        raise SystemExit(f"--negatives: {name} has no such key")
+    cfg = build_config({"method": name, "data": a.data, "arch": "resnet18", "width": 8, "cifar_stem": True,
                         "sync_bn": True, "proj_hidden": 64, "proj_dim": 32, "batch_size": a.global_batch,
-                        "image_size": a.image_size, "out": str(Path(a.dump).parent / "parity_run"), **sized})
+                        "image_size": a.image_size, "out": str(dump.parent / "parity_run"), **sized})
     torch.use_deterministic_algorithms(True)
-    acc = _accelerator(cfg)
+    acc = acc or _accelerator(cfg)
     rank, ws = acc.process_index, acc.num_processes
     if a.global_batch % ws:
         raise ValueError(f"global batch {a.global_batch} must divide by {ws} processes")
@@ -81,10 +101,10 @@ def main(argv=None):
     if acc.is_main_process:
         grads = {k: p.grad.detach().clone() for k, p in inner.named_parameters() if p.grad is not None}
         state = {k: b.detach().clone() for k, b in inner.named_buffers()}
-        torch.save({"loss": loss, "grads": grads, "state": state}, a.dump)
+        torch.save({"loss": loss, "grads": grads, "state": state}, dump)
     acc.wait_for_everyone()
-    acc.end_training()
-
+    acc.free_memory()
+    return acc
 
 if __name__ == "__main__":
     main()
