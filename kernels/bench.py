@@ -9,7 +9,10 @@ Grid: provider x mode (fwd, bwd, fwd_bwd) x size. Providers on CUDA: "fused" (th
 (the chunked torch path of the same public functions) and "eager"; "compile" can be added with
 --providers. bank_nce is timed together with bank_update, as a CMC step (NCE loss + memory update),
 and its eager baseline is CMC's index_select + bmm + index_copy_. ring_nce (window (0.01, 0.1)) is
-compared with the N x K logits + topk + logsumexp a user would write.
+compared with the N x K logits + topk + logsumexp a user would write. local_nce (N = B images, K = L
+locations, AMDIM's tanh clip 10 and score regulariser, loss + 4e-2 reg) is compared with AMDIM's own
+formulation (the B x B x L scores, masked sum-exp), not with local_nce_ref, which materialises every
+positive's logits (B L x (B-1) L: ~20x slower still).
 
 Each row (median time, peak extra memory, device, versions, date) is appended to
 <out>/<kernel>.csv as soon as it is measured (a later failure loses nothing; a row that fails says
@@ -33,10 +36,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from . import bank_nce, bank_nce_ref, bank_update, info_nce, info_nce_ref, nt_xent, nt_xent_ref, ring_nce
+from . import bank_nce, bank_nce_ref, bank_update, info_nce, info_nce_ref, local_nce, nt_xent, nt_xent_ref, ring_nce
 from .ring_nce import window
 
-KERNELS = ("nt_xent", "info_nce", "bank_nce", "ring_nce")
+KERNELS = ("nt_xent", "info_nce", "bank_nce", "ring_nce", "local_nce")
 MODES = ("fwd", "bwd", "fwd_bwd")
 IMAGENET = 1_281_167
 
@@ -72,6 +75,12 @@ GRIDS: dict[str, dict[str, list[dict[str, int]]]] = {
         "full": [dict(N=n, K=k, d=d) for d in (128, 256) for n in (256, 1024) for k in (16384, 65536)],
         "target": [dict(N=256, K=65536, d=128), dict(N=1024, K=65536, d=128)],
     },
+    "local_nce": {  # N = B images, K = L locations (7 x 7 = 49: AMDIM's 1 -> 7 task)
+        "tiny": [dict(N=16, K=9, d=32)],
+        "small": [dict(N=128, K=49, d=256), dict(N=128, K=25, d=256)],
+        "full": [dict(N=n, K=k, d=d) for d in (128, 256) for n in (128, 512, 2048) for k in (25, 49)],
+        "target": [dict(N=128, K=49, d=256), dict(N=1024, K=49, d=256)],
+    },
 }
 for _grids in GRIDS.values():
     _grids["target1"] = _grids["target"][:1]
@@ -91,6 +100,10 @@ def work(kernel: str, mode: str, case: dict, elem: int) -> tuple[float, float]:
         dots = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode] * m * m  # bwd: recompute + weighted sum
         io = {"fwd": m * d * elem + 4 * m, "bwd": m * d * (elem + 4) + 4 * m,
               "fwd_bwd": m * d * (elem + 4) + 8 * m}[mode]
+    elif kernel == "local_nce":
+        b, n = case["N"], case["N"] * case["K"]
+        dots = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode] * b * n
+        io = (b + n) * d * elem + {"fwd": 0, "bwd": (b + n) * d * 4, "fwd_bwd": (b + n) * d * 4}[mode]
     elif kernel in ("info_nce", "ring_nce"):
         n, k = case["N"], case["K"]
         dots = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode] * n * k
@@ -127,6 +140,32 @@ def _ring_eager(q, k, c, temperature, lower, upper):
     top = torch.topk(s, hi, dim=1).values[:, lo:]
     s_pos = (q * k).sum(1) / temperature
     return (torch.logsumexp(torch.cat([s_pos[:, None], top], 1), 1) - s_pos).mean()
+
+
+LOCAL_CLIP, LOCAL_REG = 10.0, 4e-2
+
+
+def _amdim_eager(src, trg, clip, reg_weight):
+    """AMDIM's formulation (costs.py, NCE_MI_MULTI): the B x B x L scores, positives read off the
+    diagonal by a mask, negatives' sum-exp under a max shift, the unclipped scores' mean square."""
+    b, n_loc, _ = trg.shape
+    raw = (src @ trg.reshape(b * n_loc, -1).T).view(b, b, n_loc)
+    reg = (raw ** 2).mean()
+    s = clip * torch.tanh(raw / clip)
+    pos_mask = torch.eye(b, dtype=s.dtype, device=s.device)[:, :, None].expand(b, b, n_loc)
+    pos = (pos_mask * s).sum(1)                                        # (B, L)
+    neg = ((1 - pos_mask) * s - clip * pos_mask).reshape(b, -1)
+    shift = neg.max(1, keepdim=True)[0]
+    neg_sumexp = ((1 - pos_mask).reshape(b, -1) * torch.exp(neg - shift)).sum(1, keepdim=True)
+    lse = torch.log(torch.exp(pos - shift) + neg_sumexp)
+    return -(pos - shift - lse).mean() + reg_weight * reg
+
+
+def _local_step(backend):
+    def step(src, trg, clip, reg_weight):
+        loss, reg = local_nce(src, trg, clip, return_reg=True, backend=backend)
+        return loss + reg_weight * reg
+    return step
 
 
 def _fused_step(backend):
@@ -167,6 +206,13 @@ def build(kernel: str, provider: str, case: dict, dtype, device):
         cands = _unit(case["K"], case["d"], dtype, device)
         ours = lambda: ring_nce(q, k, cands, TEMPERATURE, *RING, backend=backend)  # noqa: E731
         eager, args, kwargs, grads = _ring_eager, (q, k, cands, TEMPERATURE, *RING), {}, [q, k]
+    elif kernel == "local_nce":
+        g = torch.Generator(device=device).manual_seed(0)
+        src = (torch.randn(case["N"], case["d"], device=device, generator=g) / case["d"] ** 0.5).to(dtype)
+        trg = (torch.randn(case["N"], case["K"], case["d"], device=device, generator=g)).to(dtype)
+        src.requires_grad_(), trg.requires_grad_()
+        ours = lambda: _local_step(backend)(src, trg, LOCAL_CLIP, LOCAL_REG)  # noqa: E731
+        eager, args, kwargs, grads = _amdim_eager, (src, trg, LOCAL_CLIP, LOCAL_REG), {}, [src, trg]
     else:
         raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
     if provider == "eager":

@@ -124,10 +124,22 @@ def _calls(dtype, d: int, precision: str) -> list[tuple[str, Any]]:
         kernels.ring_nce(q, k, c, 0.1, lower, 0.5, exclude=excl, precision=precision,
                          backend="triton").backward()
 
+    def local(clip, reg):
+        src, trg = unit(8, True), unit(40, True).reshape(8, 5, d)
+        out = kernels.local_nce(src, trg, clip, return_reg=reg, precision=precision, backend="triton")
+        (sum(out) if reg else out).backward()
+
+    def info_targets():
+        q, k = unit(16, True), unit(40, True)
+        kernels.info_nce(q, k, temperature=0.1, targets=torch.arange(16) * 2, precision=precision,
+                         backend="triton").backward()
+
     out = [("nt_xent", lambda: nt(None)), ("nt_xent anchors=slice", lambda: nt(slice(4, 12))),
            ("nt_xent anchors=index", lambda: nt(torch.tensor([1, 5, 7, 20])))]
     out += [(f"info_nce queue={qu} grad_k={gk}", lambda qu=qu, gk=gk: info(qu, gk))
             for qu in (True, False) for gk in (True, False)]
+    out += [(f"local_nce clip={c} reg={r}", lambda c=c, r=r: local(c, r)) for c in (None, 10.0) for r in (False, True)]
+    out.append(("info_nce targets", info_targets))
     out += [("ring_nce ring in-batch", lambda: ring(0.1, True)), ("ring_nce ball queue", lambda: ring(0.0, False))]
     if precision in ("auto", "ieee"):  # the bank kernels have no dot: once per dtype is enough
         out += [(f"bank_nce {m} grad={gr} Z={z}", lambda m=m, gr=gr, z=z: bank(m, gr, z))

@@ -188,33 +188,34 @@ class _InfoNCE(torch.autograd.Function):
     # every logit (the positive one too) is a fp32-accumulated dot of rounded rows, in forward and
     # backward; gradients come back in the inputs' dtype. Autocast is off inside.
     @staticmethod
-    def forward(ctx, q, k, queue, temperature, triton_path, dot_dt, precision):
+    def forward(ctx, q, k, queue, temperature, triton_path, dot_dt, precision, targets=None):
         ctx.in_dtypes = (q.dtype, k.dtype)
         with _backend.no_autocast(q.device):
             q, k = q.detach().to(dot_dt), k.detach().to(dot_dt)
             queue = None if queue is None else queue.to(dot_dt)
             ct = _backend.compute_dtype(q, k)
-            s_pos = (q.to(ct) * k.to(ct)).sum(1) / temperature
+            kt = k if targets is None else k[targets]
+            s_pos = (q.to(ct) * kt.to(ct)).sum(1) / temperature
             c = k if queue is None else queue
             if triton_path:
                 lse = _lse_triton(q, c, None if queue is None else s_pos.float(), temperature,
                                   precision)
             else:
                 lse = _lse_torch(q, c, None if queue is None else s_pos, temperature)
-        ctx.save_for_backward(q, k, queue, lse, s_pos)
+        ctx.save_for_backward(q, k, queue, lse, s_pos, targets)
         ctx.temperature, ctx.triton_path, ctx.precision = temperature, triton_path, precision
         return (lse - s_pos).mean()
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, queue, lse, s_pos = ctx.saved_tensors
+        q, k, queue, lse, s_pos, targets = ctx.saved_tensors
         with _backend.no_autocast(q.device):
-            dq, dk = _InfoNCE._grads(ctx, q, k, queue, lse, s_pos, grad_out)
+            dq, dk = _InfoNCE._grads(ctx, q, k, queue, lse, s_pos, grad_out, targets)
         q_dt, k_dt = ctx.in_dtypes
-        return dq.to(q_dt), None if dk is None else dk.to(k_dt), None, None, None, None, None
+        return dq.to(q_dt), None if dk is None else dk.to(k_dt), None, None, None, None, None, None
 
     @staticmethod
-    def _grads(ctx, q, k, queue, lse, s_pos, grad_out):
+    def _grads(ctx, q, k, queue, lse, s_pos, grad_out, targets=None):
         temperature = ctx.temperature
         c = k if queue is None else queue
         need_dk = ctx.needs_input_grad[1]
@@ -227,7 +228,12 @@ class _InfoNCE(torch.autograd.Function):
         scale = grad_out / (q.shape[0] * temperature)
         ct = a.dtype
         qc, kc = q.to(ct), k.to(ct)
-        if queue is None:
+        if queue is None and targets is not None:
+            # target j = targets_i: the positive's gradient goes to row targets_i of k (summed over
+            # queries sharing a target; index_add_ is deterministic on CPU, atomic on CUDA)
+            dq = scale * (a - kc[targets])
+            dk = scale * b.index_add_(0, targets, qc, alpha=-1.0) if need_dk else None
+        elif queue is None:
             dq = scale * (a - kc)
             dk = scale * (b - qc) if need_dk else None
         else:
@@ -239,11 +245,14 @@ class _InfoNCE(torch.autograd.Function):
 
 @_backend.opaque_to_compile
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, *,
-             temperature: float, precision: str = "auto", backend: str = "auto") -> torch.Tensor:
+             temperature: float, targets: torch.Tensor | None = None, precision: str = "auto",
+             backend: str = "auto") -> torch.Tensor:
     """InfoNCE of queries q (N, d) against keys k (N, d); returns a float32 scalar.
 
     With `queue` (K, d): MoCo / InfoMin, logits [q_i.k_i, q_i.queue_j] / T with target 0; the queue
     gets no gradient (it is a buffer). Without: in-batch logits q_i.k_j / T with target i.
+    `targets` (LongTensor (N,), no queue): k may be (M, d) with any M, the logits are q_i.k_j / T over
+    all M rows and the target of query i is row targets_i (CPC: every patch of the batch a candidate).
     Gradients flow to q and k (detach k yourself for a momentum encoder). Inputs are used as given
     (normalise first for cosine similarity).
 
@@ -254,7 +263,22 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
     "ieee", "tf32", "bf16", "fp16" force one. Accumulation is fp32 in every case.
     backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (interpreter on CPU), "torch".
     """
-    if q.dim() != 2 or k.shape != q.shape:
+    if targets is not None:
+        if queue is not None:
+            raise ValueError("info_nce: targets= is for the in-batch form (no queue); with a queue the "
+                             "target is the positive key k_i")
+        if q.dim() != 2 or k.dim() != 2 or k.shape[1] != q.shape[1]:
+            raise ValueError(f"with targets, q must be (N, d) and k (M, d), got {tuple(q.shape)} and "
+                             f"{tuple(k.shape)}")
+        if targets.shape != (q.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"targets must be an integer tensor of shape ({q.shape[0]},), got "
+                             f"{targets.dtype} {tuple(targets.shape)}")
+        targets = targets.to(device=k.device, dtype=torch.long)
+        if not targets.is_cuda and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= k.shape[0]):
+            # (checked where it costs no device sync; on CUDA an out-of-range index fails the gather)
+            raise ValueError(f"targets must lie in [0, {k.shape[0]}), got [{int(targets.min())}, "
+                             f"{int(targets.max())}]")
+    elif q.dim() != 2 or k.shape != q.shape:
         raise ValueError(f"q and k must both be (N, d), got {tuple(q.shape)} and {tuple(k.shape)}")
     if queue is not None and (queue.dim() != 2 or queue.shape[1] != q.shape[1]):
         raise ValueError(f"queue must be (K, {q.shape[1]}), got {tuple(queue.shape)}")
@@ -270,18 +294,18 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
         if queue is not None and queue.stride(1) != 1:
             queue = queue.contiguous()
     dot_dt, prec = _backend.dot_dtype(precision, *tensors)
-    return _InfoNCE.apply(q, k, queue, float(temperature), triton_path, dot_dt, prec)
+    return _InfoNCE.apply(q, k, queue, float(temperature), triton_path, dot_dt, prec, targets)
 
 
 def info_nce_ref(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, *,
-                 temperature: float, upcast: bool = False) -> torch.Tensor:
+                 temperature: float, targets: torch.Tensor | None = None, upcast: bool = False) -> torch.Tensor:
     """Plain-torch InfoNCE that materialises the logits; `upcast` computes in float64."""
     if upcast:
         q, k = q.double(), k.double()
         queue = None if queue is None else queue.double()
     if queue is None:
         logits = q @ k.T / temperature
-        target = torch.arange(q.shape[0], device=q.device)
+        target = torch.arange(q.shape[0], device=q.device) if targets is None else targets.long()
     else:
         logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.detach().T], 1) / temperature
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)

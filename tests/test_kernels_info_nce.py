@@ -114,3 +114,60 @@ def test_gpu_kernel_matches_reference(n, k_queue, d, dtype):
     tol = 5e-5 if dtype == torch.float32 else 1e-2
     assert abs(loss.item() - ref[0].item()) <= tol * abs(ref[0].item())
     assert rel_err(dq, ref[1]) < tol and rel_err(dk, ref[2]) < tol
+
+
+# -- targets= (k with more rows than q, target j = targets_i; CPC's every-patch candidates) --------
+def _targets(n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, m, (n,), generator=g)
+    t[1] = t[0]  # two queries sharing a target: its key's gradient sums both
+    return t
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("n,m,d", [(9, 37, 41), (50, 50, 16), (13, 200, 64)])
+@pytest.mark.parametrize("temperature", [0.1, 1.0])
+def test_targets_match_float64_reference(backend, n, m, d, temperature):
+    q, k, t = unit(n, d), unit(m, d), _targets(n, m, n + m)
+    loss, dq, dk = run(info_nce, q, k, None, temperature=temperature, targets=t, backend=backend)
+    # independent float64 reference: the (N, M) logits and a cross entropy written out
+    qd, kd = q.double().requires_grad_(), k.double().requires_grad_()
+    logits = qd @ kd.T / temperature
+    ref = (torch.logsumexp(logits, 1) - logits[torch.arange(n), t]).mean()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 2e-6 * abs(ref.item()) + 1e-6
+    assert rel_err(dq, qd.grad) < 5e-5 and rel_err(dk, kd.grad) < 5e-5
+    assert dk.shape == (m, d)
+
+
+def test_targets_default_is_the_diagonal():
+    q, k = unit(20, 16), unit(20, 16)
+    a = info_nce(q, k, temperature=0.2, backend="torch")
+    b = info_nce(q, k, temperature=0.2, targets=torch.arange(20), backend="torch")
+    assert torch.equal(a, b)
+
+
+def test_targets_gradcheck_and_no_n_by_m(monkeypatch):
+    monkeypatch.setattr(backend_mod, "CHUNK_ELEMS", 10)
+    q = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([7, 0, 0, 3, 5])
+    assert torch.autograd.gradcheck(lambda a, b: info_nce(a, b, temperature=0.4, targets=t, backend="torch"), (q, k))
+    monkeypatch.setattr(backend_mod, "CHUNK_ELEMS", 700)
+    q, k = unit(64, 8).requires_grad_(), unit(700, 8).requires_grad_()
+    with LargestOutput() as probe:
+        info_nce(q, k, temperature=0.1, targets=_targets(64, 700, 0), backend="torch").backward()
+    assert probe.largest <= 700 * 8
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(targets=torch.tensor([0, 1, 40])), r"\[0, 12\)"),
+    (dict(targets=torch.tensor([0, 1])), "shape"),
+    (dict(targets=torch.tensor([0.0, 1.0, 2.0])), "integer"),
+    (dict(targets=torch.tensor([0, 1, 2]), queue=unit(5, 4)), "no queue"),
+])
+def test_targets_bad_input_errors(bad, match):
+    q, k = unit(3, 4), unit(12, 4)
+    queue = bad.pop("queue", None)
+    with pytest.raises(ValueError, match=match):
+        info_nce(q, k, queue, temperature=0.1, **bad)

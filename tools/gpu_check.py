@@ -162,7 +162,7 @@ def stage_compile(run: Run) -> dict:
 
 
 # -- tests ---------------------------------------------------------------------------------------
-GPU_TESTS = ["tests/test_kernels_nt_xent.py", "tests/test_kernels_info_nce.py", "tests/test_kernels_bank.py",
+GPU_TESTS = ["tests/test_kernels_nt_xent.py", "tests/test_kernels_info_nce.py", "tests/test_kernels_local_nce.py", "tests/test_kernels_bank.py",
              "tests/test_kernels_precision.py", "tests/test_kernels_backend.py"]
 
 
@@ -273,7 +273,36 @@ def stage_correctness(run: Run) -> dict:
         _check(rows, f"ring_nce ({lower}, {upper}){' in-batch' if in_batch else ''}", loss, ref, grads, refs,
                N=n, K=k, d=d, dtype=str(dtype))
 
+    def local(b, n_loc, d, dtype, clip):
+        """local_nce (clip, reg, loss + 4e-2 reg) against the float64 torch path on the same rounded
+        operands; the scores are scaled by 1/sqrt(d) as AMDIM does."""
+        src = (_unit(b, d, dtype, dev, gen) * d ** 0.25).requires_grad_()
+        trg = (_unit(b * n_loc, d, dtype, dev, gen) * d ** 0.25).reshape(b, n_loc, d).requires_grad_()
+        lo, rg = kernels.local_nce(src, trg, clip, return_reg=True, backend=backend)
+        loss = lo + 4e-2 * rg
+        loss.backward()
+        rs, rt = _rounded64(src, trg)
+        rl, rr = kernels.local_nce(rs, rt, clip, return_reg=True, backend="torch")
+        ref = rl + 4e-2 * rr
+        ref.backward()
+        _check(rows, f"local_nce clip={clip}", loss, ref, [src.grad, trg.grad], [rs.grad, rt.grad], B=b,
+               L=n_loc, d=d, dtype=str(dtype))
+
+    def info_targets(n, m, d, dtype):
+        q, kk = _unit(n, d, dtype, dev, gen, True), _unit(m, d, dtype, dev, gen, True)
+        t = torch.randint(0, m, (n,), device=dev, generator=gen)
+        loss = kernels.info_nce(q, kk, temperature=T, targets=t, backend=backend)
+        loss.backward()
+        rq, rk = _rounded64(q, kk)
+        ref = kernels.info_nce(rq, rk, temperature=T, targets=t, backend="torch")
+        ref.backward()
+        _check(rows, "info_nce targets", loss, ref, [q.grad, kk.grad], [rq.grad, rk.grad], N=n, K=m, d=d,
+               dtype=str(dtype))
+
     bf16, fp32 = torch.bfloat16, torch.float32
+    local(512 if big else 12, 49 if big else 9, 256 if big else 32, bf16, 10.0)
+    local(128 if big else 10, 25 if big else 7, 128 if big else 24, fp32, None)
+    info_targets(4096 if big else 20, 32768 if big else 90, 128 if big else 32, bf16)
     ring(1024 if big else 24, 65536 if big else 300, 128 if big else 32, bf16, 0.01, 0.1)
     ring(256 if big else 16, 16384 if big else 200, 128 if big else 24, fp32, 0.0, 0.1, in_batch=True)
     nt(65536 if big else 96, 128 if big else 32, bf16)
