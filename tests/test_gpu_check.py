@@ -3,6 +3,7 @@ its dry run goes through every stage at toy sizes, and with the packages the GPU
 made unimportable (DALI, ffcv, webdataset, simplejpeg, PyAV) every stage but dali still runs."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -56,8 +57,12 @@ def test_dry_run_goes_through_every_stage(tmp_path):
     assert stages["dali"]["result"]["data_wait"]["data_wait_pct"] is not None
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files  # the device tool returns at most 8 files
-    for name in ("nt_xent.csv", "info_nce.csv", "bank_nce.csv", "train_steps.csv", "compile_check.csv"):
+    for name in ("kernels_bench.csv", "train_steps.csv", "compile_check.csv"):
         assert (out / name).stat().st_size > 0, name
+    with open(out / "kernels_bench.csv") as f:
+        benched = {row["kernel"] for row in csv.DictReader(f)}
+    from kernels.bench import KERNELS
+    assert benched == set(KERNELS), benched
 
 
 def test_stages_run_without_the_packages_the_gpu_machine_lacks(tmp_path):

@@ -23,8 +23,8 @@ Stages, in order (each writes its rows as it goes; an error in one is recorded a
                its CPU path on a synthetic JPEG set, and a short SimCLR ResNet-50 run's data wait
 
 Output (at most 8 files, the device tool's limit): gpu_check.json (everything, with device,
-versions, date), nt_xent.csv, info_nce.csv, bank_nce.csv, ring_nce.csv (kernels.bench rows), train_steps.csv,
-compile_check.csv, tests.txt, and the log is the script's stdout. Without CUDA and without
+versions, date), kernels_bench.csv (every kernels.bench row, a `kernel` column per row),
+train_steps.csv, compile_check.csv, tests.txt, and the log is the script's stdout. Without CUDA and without
 --dry-run it stops at once with exit code 2.
 """
 from __future__ import annotations
@@ -393,10 +393,15 @@ def stage_kernels(run: Run) -> dict:
             if run.left() < 60:
                 summary.append(f"{kernel} {dtype}: skipped, time budget")
                 continue
-            rows = bench.run(kernel, grid, list(bench.MODES), providers, dtype, run.device, run.out, r)
+            # one CSV for all kernels (the device tool returns 8 files): bench writes rows as measured
+            # into a scratch folder, each row is appended to kernels_bench.csv as the kernel ends
+            scratch = run.out.parent / "gpu_check_bench"
+            scratch.mkdir(parents=True, exist_ok=True)
+            rows = bench.run(kernel, grid, list(bench.MODES), providers, dtype, run.device, scratch, r)
             if dtype == torch.bfloat16 and not run.dry:  # torch.compile once per kernel, at the target
                 rows += bench.run(kernel, "target1", list(bench.MODES), ["compile"], dtype, run.device,
-                                  run.out, r)
+                                  scratch, r)
+            bench.append_csv(run.out / "kernels_bench.csv", rows)
             summary += _speedups(rows)
     for line in summary:
         log(f"kernels: {line}")
